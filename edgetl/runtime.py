@@ -1,0 +1,133 @@
+"""Torch-free inference: providers, sessions, edgetl model loading and prediction.
+
+Needs only onnxruntime, numpy and OpenCV, so it is what ships to a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import contract as C
+from .errors import EdgetlError, ModelError
+from .preprocess import Spec, frame_to_input, load_image
+
+_CUDA_OK: bool | None = None
+
+
+def cuda_usable() -> bool:
+    """True when onnxruntime's CUDA provider really loads here (probed once, quietly)."""
+    global _CUDA_OK
+    if _CUDA_OK is None:
+        _CUDA_OK = _probe_cuda()
+    return _CUDA_OK
+
+
+def _probe_cuda() -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/dxg") or os.name == "nt"):
+        return False
+    try:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels that torch brings, if any
+        import onnx
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", C.OPSET)])
+        m.ir_version = C.IR_VERSION
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        return "CUDAExecutionProvider" in s.get_providers()
+    except Exception:
+        return False
+
+
+def providers(device: str = "auto") -> list[str]:
+    """onnxruntime providers for auto|cpu|cuda; only ones that can load. EdgetlError for cuda without a GPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise EdgetlError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if cuda_usable():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise EdgetlError("--device cuda: onnxruntime's CUDA provider cannot load here "
+                          "(needs onnxruntime-gpu, an NVIDIA GPU, CUDA 13 and cuDNN 9); use --device cpu")
+    return ["CPUExecutionProvider"]
+
+
+def session(model: str | os.PathLike | bytes, device: str = "auto", threads: int | None = None):
+    """An onnxruntime InferenceSession on the best usable provider."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model if isinstance(model, (bytes, bytearray)) else str(model)
+    try:
+        return ort.InferenceSession(src, so, providers=providers(device))
+    except EdgetlError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{model if not isinstance(model, bytes) else 'model'}: onnxruntime cannot load it: {first}") from None
+
+
+def read_metadata(sess) -> dict[str, str]:
+    return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded edgetl model.onnx: uint8 images in, class probabilities out."""
+
+    path: str
+    session: object
+    classes: list[str]
+    spec: Spec
+    metadata: dict[str, str]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [N,H,W,3] RGB (already preprocessed) → float32 [N,C]."""
+        return self.session.run([C.PROBABILITIES], {C.IMAGE: batch})[0]
+
+    def predict_files(self, paths) -> np.ndarray:
+        return self.probabilities(np.stack([load_image(p, self.spec) for p in paths]))
+
+    def predict_frame(self, bgr: np.ndarray) -> np.ndarray:
+        return self.probabilities(frame_to_input(bgr, self.spec)[None])[0]
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> Model:
+    """Load an edgetl model.onnx; ModelError when it is missing, not ONNX, or not an edgetl model."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model not found: {p}")
+    sess = session(p, device, threads)
+    meta = read_metadata(sess)
+    if meta.get(C.KEY_FORMAT) != C.FORMAT_MODEL:
+        kind = meta.get(C.KEY_FORMAT)
+        what = f"an edgetl {kind}, not a fused model" if kind else "not an edgetl model (no edgetl metadata)"
+        raise ModelError(f"{p}: {what}")
+    try:
+        classes = json.loads(meta[C.KEY_CLASSES])
+        spec = Spec.from_json(meta[C.KEY_PREPROCESS])
+    except (KeyError, ValueError) as e:
+        raise ModelError(f"{p}: edgetl metadata is incomplete ({e})") from None
+    return Model(str(p), sess, classes, spec, meta)
