@@ -10,6 +10,8 @@ from . import __version__
 from .errors import EdgetlError
 
 DEFAULT_BACKBONE_ONNX = "exports/backbone.onnx"
+DEFAULT_CACHE = "exports/cache"
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
 
 
 class Group(click.Group):
@@ -66,6 +68,32 @@ def export_backbone_cmd(name, weights, output, check_images):
     click.echo(f"wrote {r.path} ({r.name}, {h}x{w} → {r.dim}, {r.bytes / 1e6:.1f} MB); "
                f"onnxruntime vs PyTorch max abs diff {r.max_abs_diff:.1e} at batch 1 and 3")
     click.echo(f"next: edgetl train-head DATA --backbone {r.path}")
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbone", default=DEFAULT_BACKBONE_ONNX, show_default=True, type=click.Path(dir_okay=False),
+              help="An exported backbone.onnx.")
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+def embed(data, backbone, cache, device, batch_size):
+    """Compute and cache the embedding of every image under DATA (incremental, resumable)."""
+    from .embed import embed_folder
+
+    r = embed_folder(data, backbone, cache, device=device, batch_size=batch_size)
+    report_embed(r)
+    click.echo(f"next: edgetl train-head {data} --backbone {backbone} --cache {cache}")
+
+
+def report_embed(r) -> None:
+    ds = r.dataset
+    what = f"{len(ds.items)} images" + (f", {len(ds.classes)} classes" if ds.classes else ", unlabelled")
+    click.echo(f"embedded {what}: {r.summary()}")
+    if r.skipped:
+        click.echo(f"skipped {len(r.skipped)} unreadable images:", err=True)
+        for line in r.skipped_lines():
+            click.echo(line, err=True)
 
 
 if __name__ == "__main__":

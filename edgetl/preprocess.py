@@ -67,8 +67,29 @@ def _cv2():
 _CV2_READY = False
 
 
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF marker; None if not found."""
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
 def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
-    """(width, height) from the image header without decoding the pixels, if Pillow is present."""
+    """(width, height) from the image header without decoding the pixels (Pillow for non-JPEG, if present)."""
+    if data[:2] == b"\xff\xd8":
+        size = _jpeg_size(data)
+        if size is not None:
+            return size
     try:
         from PIL import Image
     except ImportError:  # the torch-free runtime may run without Pillow
@@ -98,8 +119,8 @@ def _truncated_jpeg(data: bytes) -> bool:
         return True
 
 
-def decode(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarray:
-    """Decode encoded image bytes to uint8 RGB HWC, EXIF orientation applied.
+def decode_bgr(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarray:
+    """As `decode`, but in OpenCV's BGR order (convert after cropping: fewer pixels).
 
     Any mode (grayscale, RGBA, palette, CMYK, 16-bit) becomes 8-bit RGB. When `min_side` is given
     and the image is a JPEG much larger than that, it is decoded at 1/2, 1/4 or 1/8 scale (never
@@ -133,38 +154,63 @@ def decode(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarray:
         bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
     if bgr.dtype != np.uint8:  # some decoders keep 16 bits even with IMREAD_COLOR
         bgr = (bgr / 257.0).round().astype(np.uint8)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return bgr
 
 
-def resize_crop(rgb: np.ndarray, spec: Spec) -> np.ndarray:
-    """Resize the shorter side to spec.resize_size, then centre-crop spec.input_size. uint8 HWC."""
-    cv2 = _cv2()
-    h, w = rgb.shape[:2]
+def decode(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarray:
+    """Decode encoded image bytes to uint8 RGB HWC, EXIF orientation applied.
+
+    Any mode (grayscale, RGBA, palette, CMYK, 16-bit) becomes 8-bit RGB. When `min_side` is given
+    and the image is a JPEG much larger than that, it is decoded at 1/2, 1/4 or 1/8 scale (never
+    below `min_side`). Raises ImageError for empty, corrupt, non-image or oversized input.
+    """
+    return _cv2().cvtColor(decode_bgr(data, min_side, name), _cv2().COLOR_BGR2RGB)
+
+
+def crop_box(h: int, w: int, spec: Spec) -> tuple[int, int, int, int]:
+    """The source rectangle (top, left, height, width) that becomes the input after scaling.
+
+    Equivalent to: scale the shorter side to resize_size, then take the centre input_size crop.
+    """
     out_h, out_w = spec.input_size
-    scale = spec.resize_size / min(h, w)
-    # Never let the scaled image be smaller than the crop (non-square input sizes).
-    scale = max(scale, out_h / h, out_w / w)
-    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=interp)
-    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-    return np.ascontiguousarray(rgb[top:top + out_h, left:left + out_w])
+    scale = max(spec.resize_size / min(h, w), out_h / h, out_w / w)
+    ch, cw = min(h, round(out_h / scale)), min(w, round(out_w / scale))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def load_image(source: str | os.PathLike | bytes, spec: Spec) -> np.ndarray:
-    """The one host-side preprocessing function: a path or encoded bytes → uint8 RGB [H, W, 3]."""
+def resize_crop(img: np.ndarray, spec: Spec) -> np.ndarray:
+    """Centre-crop the region that the policy keeps, then resize it to spec.input_size. uint8 HWC.
+
+    Cropping first means only kept pixels are resampled. INTER_AREA when shrinking by more than 2×
+    (anti-aliasing), INTER_LINEAR for milder shrinking, INTER_CUBIC when enlarging.
+    """
+    cv2 = _cv2()
+    top, left, ch, cw = crop_box(*img.shape[:2], spec)
+    region = img[top:top + ch, left:left + cw]
+    out_h, out_w = spec.input_size
+    if (ch, cw) == (out_h, out_w):
+        return np.ascontiguousarray(region)
+    shrink = out_h / ch
+    interp = cv2.INTER_AREA if shrink < 0.5 else cv2.INTER_LINEAR if shrink < 1 else cv2.INTER_CUBIC
+    return cv2.resize(region, (out_w, out_h), interpolation=interp)
+
+
+def load_image(source: str | os.PathLike | bytes, spec: Spec, name: str | None = None) -> np.ndarray:
+    """The one host-side preprocessing function: a path or encoded bytes → uint8 RGB [H, W, 3].
+
+    Raises ImageError (one line, naming the image) when it cannot be decoded.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data, name = bytes(source), "image"
+        data, name = bytes(source), name or "image"
     else:
-        name = str(source)
+        name = name or str(source)
         try:
             data = Path(source).read_bytes()
         except OSError as e:
             raise ImageError(f"{name}: {e.strerror}") from None
-    return resize_crop(decode(data, min_side=spec.resize_size, name=name), spec)
+    return frame_to_input(decode_bgr(data, min_side=spec.resize_size, name=name), spec)
 
 
 def frame_to_input(bgr: np.ndarray, spec: Spec) -> np.ndarray:
-    """A camera/video frame (OpenCV BGR uint8) → the same uint8 RGB crop `load_image` makes."""
-    return resize_crop(_cv2().cvtColor(bgr, _cv2().COLOR_BGR2RGB), spec)
+    """A decoded BGR image or camera/video frame (OpenCV order) → uint8 RGB [H, W, 3] model input."""
+    return _cv2().cvtColor(resize_crop(bgr, spec), _cv2().COLOR_BGR2RGB)

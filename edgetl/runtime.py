@@ -67,14 +67,21 @@ def providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session(model: str | os.PathLike | bytes, device: str = "auto", threads: int | None = None):
-    """An onnxruntime InferenceSession on the best usable provider."""
+def session(model: str | os.PathLike | bytes, device: str = "auto", threads: int | None = None,
+            spin: bool = True):
+    """An onnxruntime InferenceSession on the best usable provider.
+
+    spin=False stops idle worker threads from busy-waiting, which leaves the CPU to decoders
+    running beside inference.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model if isinstance(model, (bytes, bytearray)) else str(model)
     try:
         return ort.InferenceSession(src, so, providers=providers(device))

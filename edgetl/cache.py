@@ -1,0 +1,159 @@
+"""The embedding cache: content-addressed, incremental, crash-safe.
+
+On-disk format (version 1), read by later commands and by other engines:
+
+    CACHE/
+      <namespace>/                  one folder per (backbone fingerprint × preprocessing × view)
+        namespace.json              {"format": 1, "backbone": NAME, "fingerprint": HEX, "preprocess": SPEC,
+                                     "view": VIEW, "dim": D, "dtype": "float32"}
+        shard-<id>.npz              numpy .npz with two arrays:
+                                      keys  uint8 [n, 32]  SHA-256 of the image file's bytes
+                                      emb   float32/float16 [n, D]  (row i is the embedding of keys[i])
+
+* The namespace is the first 16 hex digits of SHA-256 over the fingerprint, the preprocessing spec
+  and the view, so two backbones (or two preprocessings) never share entries.
+* A shard is written as a temporary file and renamed into place: a reader sees whole shards only.
+  Killing a writer loses at most the batch it was writing.
+* Shards may repeat a key (after a crash during compaction); any copy is valid.
+* `compact()` merges small shards into one; it writes the merged shard before removing the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CacheError
+from .files import write_bytes, writable_dir
+
+FORMAT = 1
+KEY_BYTES = 32
+
+
+def image_key(data: bytes) -> bytes:
+    """The cache key of an image: SHA-256 of its encoded bytes (renames and moves change nothing)."""
+    return hashlib.sha256(data).digest()
+
+
+def namespace_id(fingerprint: str, preprocess_json: str, view: str = "center") -> str:
+    return hashlib.sha256(f"{fingerprint}|{preprocess_json}|{view}".encode()).hexdigest()[:16]
+
+
+class Namespace:
+    """One folder of the cache: the embeddings of one backbone under one preprocessing and view."""
+
+    def __init__(self, root: str | os.PathLike, backbone: str, fingerprint: str, preprocess_json: str,
+                 dim: int, view: str = "center", dtype: str = "float32"):
+        self.meta = {"format": FORMAT, "backbone": backbone, "fingerprint": fingerprint,
+                     "preprocess": json.loads(preprocess_json), "view": view, "dim": int(dim), "dtype": dtype}
+        self.id = namespace_id(fingerprint, preprocess_json, view)
+        self.dir = Path(root) / self.id
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        self._keys: set[bytes] | None = None
+
+    def open(self, create: bool = True) -> "Namespace":
+        """Check (or create) namespace.json; CacheError if the folder belongs to something else."""
+        meta_path = self.dir / "namespace.json"
+        if meta_path.exists():
+            try:
+                found = json.loads(meta_path.read_text())
+            except (OSError, ValueError) as e:
+                raise CacheError(f"{meta_path}: unreadable ({e})") from None
+            if found != self.meta:
+                diff = sorted(k for k in set(found) | set(self.meta) if found.get(k) != self.meta.get(k))
+                raise CacheError(f"cache {self.dir} was made for another backbone or preprocessing "
+                                 f"(differs in {', '.join(diff)})")
+        elif create:
+            writable_dir(self.dir)
+            write_bytes(meta_path, json.dumps(self.meta, indent=1).encode())
+        else:
+            raise CacheError(f"no cache for backbone {self.meta['backbone']} in {self.dir.parent}")
+        self._sweep()
+        return self
+
+    def _sweep(self, age_s: float = 600) -> None:
+        """Remove temporary files left by a killed writer (old enough not to belong to a live one)."""
+        now = time.time()
+        for tmp in self.dir.glob(".*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > age_s:
+                    tmp.unlink()
+            except OSError:
+                pass
+
+    def shards(self) -> list[Path]:
+        return sorted(self.dir.glob("shard-*.npz"))
+
+    def keys(self) -> set[bytes]:
+        """All keys present (reads only the small key arrays)."""
+        if self._keys is None:
+            found: set[bytes] = set()
+            for shard in self.shards():
+                with np.load(shard) as z:
+                    found.update(bytes(k) for k in z["keys"])
+            self._keys = found
+        return self._keys
+
+    def add(self, keys: list[bytes], emb: np.ndarray) -> Path:
+        """Write one shard atomically."""
+        if emb.shape != (len(keys), self.dim):
+            raise CacheError(f"embeddings of shape {emb.shape} do not fit this cache (dim {self.dim})")
+        arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
+        path = self.dir / f"shard-{uuid.uuid4().hex}.npz"
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, keys=arr, emb=emb.astype(self.dtype, copy=False))
+        write_bytes(path, buf.getvalue())
+        if self._keys is not None:
+            self._keys.update(keys)
+        return path
+
+    def load(self, keys: list[bytes] | None = None) -> tuple[list[bytes], np.ndarray]:
+        """Embeddings for `keys` (in that order), or every entry when keys is None. CacheError if any is missing."""
+        rows: dict[bytes, np.ndarray] = {}
+        want = None if keys is None else set(keys)
+        for shard in self.shards():
+            with np.load(shard) as z:
+                ks, emb = z["keys"], z["emb"]
+            for i, k in enumerate(ks):
+                kb = bytes(k)
+                if want is None or kb in want:
+                    rows[kb] = emb[i]
+        order = list(rows) if keys is None else keys
+        missing = [k for k in order if k not in rows]
+        if missing:
+            raise CacheError(f"{len(missing)} images are not in the cache {self.dir}; run `edgetl embed` first")
+        out = np.stack([rows[k] for k in order]) if order else np.zeros((0, self.dim), self.dtype)
+        return order, out.astype(np.float32, copy=False)
+
+    def compact(self, min_shards: int = 64) -> None:
+        """Merge shards into one when there are many (re-runs then read few files)."""
+        shards = self.shards()
+        if len(shards) < min_shards:
+            return
+        keys, emb = self.load()
+        if keys:
+            self.add(keys, emb)
+        for s in shards:
+            s.unlink(missing_ok=True)
+
+
+def open_for_backbone(root: str | os.PathLike, backbone_meta: dict[str, str], view: str = "center",
+                      create: bool = True) -> Namespace:
+    """The namespace for an exported backbone.onnx, from its metadata."""
+    from . import contract as C
+
+    try:
+        ns = Namespace(root, backbone_meta[C.KEY_BACKBONE], backbone_meta[C.KEY_FINGERPRINT],
+                       backbone_meta[C.KEY_PREPROCESS], int(backbone_meta[C.KEY_EMBEDDING_DIM]), view)
+    except KeyError as e:
+        raise CacheError(f"the backbone file lacks edgetl metadata {e}") from None
+    return ns.open(create)

@@ -1,0 +1,166 @@
+"""Embedding image folders with onnxruntime: decoding overlapped with inference, results cached.
+
+`embed_batch` is the plain per-batch function (session, spec, images) → array, with no global state,
+for other engines to call. `embed_folder` is what `edgetl embed` runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import contract as C
+from .cache import Namespace, image_key, open_for_backbone
+from .data import Dataset, scan
+from .errors import ImageError, ModelError
+from .preprocess import Spec, load_image
+from .runtime import read_metadata, session
+
+
+def embed_batch(sess, spec: Spec, images) -> np.ndarray:
+    """Embed a batch: `images` are paths, encoded bytes, or uint8 [H,W,3] arrays already preprocessed.
+
+    Returns float32 [N, D]. Raises ImageError on the first image that cannot be decoded.
+    """
+    arrays = [im if isinstance(im, np.ndarray) else load_image(im, spec) for im in images]
+    return sess.run([C.EMBEDDING], {C.IMAGE: np.stack(arrays)})[0]
+
+
+def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | None = None, spin: bool = True):
+    """(session, spec, metadata) for an exported backbone.onnx; ModelError if it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"backbone not found: {p} (run `edgetl export-backbone` first)")
+    sess = session(p, device, threads, spin)
+    meta = read_metadata(sess)
+    if meta.get(C.KEY_FORMAT) != C.FORMAT_BACKBONE:
+        raise ModelError(f"{p} is not an edgetl backbone (export one with `edgetl export-backbone`)")
+    return sess, Spec.from_json(meta[C.KEY_PREPROCESS]), meta
+
+
+@dataclasses.dataclass
+class EmbedResult:
+    dataset: Dataset
+    keys: list[bytes | None]  # per dataset item; None for skipped images
+    new: int
+    reused: int
+    skipped: list[tuple[Path, str]]
+    seconds: float
+    namespace: Namespace
+    provider: str
+
+    def summary(self) -> str:
+        s = (f"{self.new} new, {self.reused} reused, {len(self.skipped)} skipped in {self.seconds:.1f} s "
+             f"({self.provider.replace('ExecutionProvider', '')}); cache {self.namespace.dir}")
+        return s
+
+    def skipped_lines(self, first: int = 5) -> list[str]:
+        lines = [f"  {reason}" for _, reason in self.skipped[:first]]
+        if len(self.skipped) > first:
+            lines.append(f"  … and {len(self.skipped) - first} more")
+        return lines
+
+
+def _read(path: Path, spec: Spec, known: set[bytes]):
+    """Worker: read, hash, and (only when not cached) decode and resize. Runs in a thread."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, None, f"{path}: {e.strerror}"
+    key = image_key(data)
+    if key in known:
+        return key, None, None
+    try:
+        return key, load_image(data, spec, str(path)), None
+    except ImageError as e:
+        return None, None, str(e)
+
+
+def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_root: str | os.PathLike,
+                 device: str = "auto", batch_size: int = 32, workers: int | None = None,
+                 threads: int | None = None, progress: bool | None = None, spin: bool = False) -> EmbedResult:
+    """Bring the cache up to date for every image under `data`; return per-item keys and counts.
+
+    Memory stays flat: at most a few batches of decoded images are in flight.
+    """
+    t0 = time.perf_counter()
+    sess, spec, meta = open_backbone(backbone, device, threads, spin)
+    ds = scan(data)
+    ns = open_for_backbone(cache_root, meta)
+    known = ns.keys()
+    workers = workers or max(1, os.cpu_count() or 1)
+    keys: list[bytes | None] = [None] * len(ds.items)
+    skipped: list[tuple[Path, str]] = []
+    new = reused = 0
+    pending_keys: list[bytes] = []
+    pending_arrays: list[np.ndarray] = []
+    batch_seen: set[bytes] = set()
+
+    def flush():
+        nonlocal pending_keys, pending_arrays
+        if pending_keys:
+            emb = sess.run([C.EMBEDDING], {C.IMAGE: np.stack(pending_arrays)})[0]
+            ns.add(pending_keys, emb)
+            pending_keys, pending_arrays = [], []
+            batch_seen.clear()
+
+    bar = _progress(len(ds.items), progress)
+    window = max(2 * batch_size, 4 * workers)
+    with cf.ThreadPoolExecutor(workers, thread_name_prefix="edgetl-decode") as pool:
+        inflight: collections.deque = collections.deque()
+        it = iter(enumerate(ds.items))
+
+        def submit_next():
+            nxt = next(it, None)
+            if nxt is not None:
+                inflight.append((nxt[0], nxt[1].path, pool.submit(_read, nxt[1].path, spec, known)))
+
+        for _ in range(window):
+            submit_next()
+        while inflight:
+            idx, path, fut = inflight.popleft()
+            submit_next()
+            key, arr, err = fut.result()
+            if err:
+                skipped.append((path, err))
+            elif arr is None or key in known or key in batch_seen:  # cached, or a duplicate photo
+                keys[idx] = key
+                reused += 1
+            else:
+                keys[idx] = key
+                pending_keys.append(key)
+                pending_arrays.append(arr)
+                batch_seen.add(key)
+                new += 1
+                if len(pending_keys) >= batch_size:
+                    flush()
+            bar.update(1)
+    flush()
+    bar.close()
+    ns.compact()
+    return EmbedResult(ds, keys, new, reused, skipped, time.perf_counter() - t0, ns, sess.get_providers()[0])
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool | None):
+    if enabled is False or total < 200:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="img", disable=None if enabled is None else not enabled, leave=False,
+                smoothing=0.1, dynamic_ncols=True)
