@@ -96,5 +96,118 @@ def report_embed(r) -> None:
             click.echo(line, err=True)
 
 
+@main.command("train-head")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbone", default=DEFAULT_BACKBONE_ONNX, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False))
+@click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]))
+@click.option("--hidden", default="512", show_default=True, help="Hidden layer sizes for --head mlp, e.g. 512,256.")
+@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.95))
+@click.option("--epochs", default=300, show_default=True, type=click.IntRange(1), help="At most; early stopping ends sooner.")
+@click.option("--patience", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(0))
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
+@click.option("--class-weights/--no-class-weights", default=True, show_default=True)
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
+              help="Used when DATA has no val/ split.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder [default: exports/<DATA name>].")
+def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patience, lr, weight_decay,
+                   label_smoothing, class_weights, val_fraction, seed, device, output):
+    """Train a new softmax (or MLP) on cached embeddings and fuse it into one verified model.onnx."""
+    from .head import HeadConfig
+    from .train import default_out, train_head
+
+    try:
+        sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
+    except ValueError:
+        raise click.BadParameter(f"{hidden!r} is not a comma list of sizes", param_hint="--hidden") from None
+    cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
+                     label_smoothing=label_smoothing, class_weights=class_weights, max_epochs=epochs,
+                     patience=patience, seed=seed)
+    s = train_head(data, backbone, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
+                   log=lambda line: click.echo(line, err=True))
+    m = s["metrics"]
+    click.echo(f"wrote {s['out'] / 'model.onnx'}: {len(m['classes'])} classes, val accuracy {m['accuracy']:.4f} "
+               f"({m['correct']}/{m['n']}); fused vs chained max abs diff {s['fuse_max_abs_diff']:.1e}")
+    click.echo(f"next: edgetl run --model {s['out'] / 'model.onnx'} --camera 0")
+
+
+@main.command("fuse")
+@click.argument("backbone", type=click.Path(exists=True, dir_okay=False))
+@click.argument("head", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--check-images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Photos for the parity check (default: sample photos shipped with matplotlib).")
+def fuse_cmd(backbone, head, output, check_images):
+    """Fuse BACKBONE.onnx and HEAD.onnx into one model.onnx, verified against the chained pair."""
+    from . import fuse
+    from .export import check_batches, default_check_images
+    from .files import write_bytes
+    from .preprocess import Spec, load_image
+    from . import contract as C
+
+    b, h = fuse.load(backbone, C.FORMAT_BACKBONE), fuse.load(head, C.FORMAT_HEAD)
+    fused = fuse.fuse(b, h)
+    spec = Spec.from_json({p.key: p.value for p in b.metadata_props}[C.KEY_PREPROCESS])
+    images = [load_image(p, spec) for p in (check_images or default_check_images())]
+    worst, n, _ = fuse.check_fused(fused, b, h, check_batches(images))
+    write_bytes(output, fused.SerializeToString())
+    click.echo(f"wrote {output}; fused vs chained max abs diff {worst:.1e} on {n} images")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "all", "train", "val"]),
+              help="auto: val/ when DATA has it, else every image.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(model, data, split, device, as_json):
+    """Accuracy, per-class metrics and confusion matrix of MODEL on DATA (model.onnx alone, no torch)."""
+    from . import report, runtime
+
+    m, skipped = runtime.evaluate(runtime.load_model(model, device), data, split)
+    click.echo(report.dumps(m) if as_json else report.text(m))
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][1]}", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+def predict(model, paths, top_k, fmt, device):
+    """Classify images (files, folders or globs) with MODEL."""
+    import csv
+    import json
+
+    from . import runtime
+
+    m = runtime.load_model(model, device)
+    files = runtime.expand_paths(paths)
+    if not files:
+        raise EdgetlError("no images to predict")
+    writer = csv.writer(sys.stdout) if fmt == "csv" else None
+    if writer:
+        writer.writerow(["path"] + [f"{x}{i}" for i in range(1, top_k + 1) for x in ("class", "prob")] + ["error"])
+    failed = 0
+    for path, top, err in runtime.predict(m, files, top_k):
+        failed += err is not None
+        if fmt == "json":
+            click.echo(json.dumps({"path": str(path), "top": [{"class": c, "prob": round(p, 6)} for c, p in top or []],
+                                   **({"error": err} if err else {})}, ensure_ascii=False))
+        elif writer:
+            writer.writerow([str(path)] + [v for c, p in (top or []) for v in (c, f"{p:.6f}")] + [err or ""])
+        else:
+            click.echo(f"{path}\t" + ("  ".join(f"{c} {p:.3f}" for c, p in top) if top else f"error: {err}"))
+    if failed:
+        click.echo(f"{failed} of {len(files)} images could not be read", err=True)
+
+
 if __name__ == "__main__":
     main()

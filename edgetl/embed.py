@@ -6,9 +6,8 @@ for other engines to call. `embed_folder` is what `edgetl embed` runs.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as cf
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from . import contract as C
 from .cache import Namespace, image_key, open_for_backbone
 from .data import Dataset, scan
 from .errors import ImageError, ModelError
+from .pipeline import prefetch_map
 from .preprocess import Spec, load_image
 from .runtime import read_metadata, session
 
@@ -67,8 +67,9 @@ class EmbedResult:
         return lines
 
 
-def _read(path: Path, spec: Spec, known: set[bytes]):
+def _read(item: tuple[int, Path], spec: Spec, known: set[bytes]):
     """Worker: read, hash, and (only when not cached) decode and resize. Runs in a thread."""
+    path = item[1]
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -94,7 +95,6 @@ def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_roo
     ds = scan(data)
     ns = open_for_backbone(cache_root, meta)
     known = ns.keys()
-    workers = workers or max(1, os.cpu_count() or 1)
     keys: list[bytes | None] = [None] * len(ds.items)
     skipped: list[tuple[Path, str]] = []
     new = reused = 0
@@ -111,36 +111,23 @@ def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_roo
             batch_seen.clear()
 
     bar = _progress(len(ds.items), progress)
-    window = max(2 * batch_size, 4 * workers)
-    with cf.ThreadPoolExecutor(workers, thread_name_prefix="edgetl-decode") as pool:
-        inflight: collections.deque = collections.deque()
-        it = iter(enumerate(ds.items))
-
-        def submit_next():
-            nxt = next(it, None)
-            if nxt is not None:
-                inflight.append((nxt[0], nxt[1].path, pool.submit(_read, nxt[1].path, spec, known)))
-
-        for _ in range(window):
-            submit_next()
-        while inflight:
-            idx, path, fut = inflight.popleft()
-            submit_next()
-            key, arr, err = fut.result()
-            if err:
-                skipped.append((path, err))
-            elif arr is None or key in known or key in batch_seen:  # cached, or a duplicate photo
-                keys[idx] = key
-                reused += 1
-            else:
-                keys[idx] = key
-                pending_keys.append(key)
-                pending_arrays.append(arr)
-                batch_seen.add(key)
-                new += 1
-                if len(pending_keys) >= batch_size:
-                    flush()
-            bar.update(1)
+    work = ((i, it.path) for i, it in enumerate(ds.items))
+    read = functools.partial(_read, spec=spec, known=known)
+    for (idx, path), (key, arr, err) in prefetch_map(read, work, workers, window=2 * batch_size):
+        if err:
+            skipped.append((path, err))
+        elif arr is None or key in known or key in batch_seen:  # cached, or a duplicate photo
+            keys[idx] = key
+            reused += 1
+        else:
+            keys[idx] = key
+            pending_keys.append(key)
+            pending_arrays.append(arr)
+            batch_seen.add(key)
+            new += 1
+            if len(pending_keys) >= batch_size:
+                flush()
+        bar.update(1)
     flush()
     bar.close()
     ns.compact()

@@ -138,3 +138,72 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
     except (KeyError, ValueError) as e:
         raise ModelError(f"{p}: edgetl metadata is incomplete ({e})") from None
     return Model(str(p), sess, classes, spec, meta)
+
+
+def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_size: int = 32):
+    """Accuracy, per-class metrics and confusion matrix of `model` on a labelled folder.
+
+    split: "auto" (the val/ split when the folder has one, else every image), "all", "train", "val".
+    Returns (metrics dict, skipped [(path, reason)]). Torch-free.
+    """
+    from .data import scan
+    from .errors import DataError
+    from .pipeline import image_batches
+    from .report import metrics
+
+    ds = scan(data)
+    if not ds.classes:
+        raise DataError(f"{data} has no class folders to evaluate against")
+    if split == "auto":
+        split = "val" if ds.layout == "split" and any(it.split == "val" for it in ds.items) else "all"
+    items = [it for it in ds.items if split == "all" or it.split == split]
+    if not items:
+        raise DataError(f"no images in the {split!r} split of {data}")
+    unknown = sorted({it.label for it in items} - set(model.classes))
+    if unknown:
+        raise DataError(f"class {unknown[0]!r} of {data} is not one of the model's classes ({', '.join(model.classes)})")
+    label_of = {it.path: model.classes.index(it.label) for it in items}
+    y_true, y_pred, skipped = [], [], []
+    for paths, batch, errors in image_batches([it.path for it in items], model.spec, batch_size):
+        skipped += errors
+        if batch is not None:
+            y_pred += model.probabilities(batch).argmax(1).tolist()
+            y_true += [label_of[p] for p in paths]
+    return metrics(y_true, y_pred, model.classes), skipped
+
+
+def expand_paths(patterns) -> list[Path]:
+    """Files, folders (every image below) and globs → image paths, in a stable order."""
+    import glob
+
+    from .data import looks_like_image
+    from .errors import DataError
+
+    out: list[Path] = []
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and looks_like_image(f))
+        elif p.is_file():
+            out.append(p)
+        else:
+            hits = sorted(glob.glob(str(pat), recursive=True))
+            if not hits:
+                raise DataError(f"no such file, folder or glob match: {pat}")
+            out += [Path(h) for h in hits if Path(h).is_file()]
+    return out
+
+
+def predict(model: Model, paths: list[Path], top_k: int = 1, batch_size: int = 32):
+    """Yield (path, [(class, probability)…top_k] or None, error or None) per image, in order."""
+    from .pipeline import image_batches
+
+    k = max(1, min(top_k, len(model.classes)))
+    for ok, batch, errors in image_batches(paths, model.spec, batch_size):
+        for p, err in errors:
+            yield p, None, err
+        if batch is not None:
+            probs = model.probabilities(batch)
+            for p, row in zip(ok, probs):
+                order = np.argsort(-row, kind="stable")[:k]
+                yield p, [(model.classes[i], float(row[i])) for i in order], None

@@ -1,0 +1,131 @@
+"""Head export and fusion: backbone.onnx + head.onnx → one model.onnx (uint8 image → probabilities).
+
+Both sides are exported with the contract's opset and IR version, so `onnx.compose.merge_models`
+accepts them; the fused model is checked against the chained pair before it is written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from . import __version__
+from . import contract as C
+from .errors import ModelError, ParityError
+
+
+def export_head(head, dim: int, classes: list[str], extra_meta: dict[str, str], atol: float = C.HEAD_ATOL):
+    """A trained head (logits) → checked onnx.ModelProto: embedding[N,D] → probabilities[N,C].
+
+    Checked against PyTorch on random embeddings at batch sizes 1 and 3 (exported at 2).
+    """
+    import torch
+
+    from .export import max_abs_diff, to_onnx
+    from .head import WithSoftmax
+    from .runtime import session
+
+    module = WithSoftmax.wrap(head)
+    meta = {C.KEY_FORMAT: C.FORMAT_HEAD, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes),
+            **extra_meta}
+    model = to_onnx(module, (torch.zeros(2, dim),), [C.EMBEDDING], [C.PROBABILITIES], meta)
+    sess = session(model.SerializeToString(), "cpu")
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for n in (1, 3):
+        x = rng.uniform(0, 4, (n, dim)).astype(np.float32)
+        with torch.no_grad():
+            ref = module(torch.from_numpy(x)).numpy()
+        worst = max(worst, max_abs_diff(sess.run(None, {C.EMBEDDING: x})[0], ref, f"head at batch {n}"))
+    if not worst <= atol:
+        raise ParityError(f"head export differs from PyTorch by {worst:.2e} (tolerance {atol:.0e}); nothing written")
+    return model, worst
+
+
+def _meta(model) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def fuse(backbone, head):
+    """Merge two onnx.ModelProto (backbone, head) into one: image → probabilities, metadata combined."""
+    import onnx
+    from onnx import compose
+
+    from .export import set_metadata, sha256_bytes
+
+    bm, hm = _meta(backbone), _meta(head)
+    if bm.get(C.KEY_FORMAT) != C.FORMAT_BACKBONE:
+        raise ModelError("the first model is not an edgetl backbone")
+    if hm.get(C.KEY_FORMAT) != C.FORMAT_HEAD:
+        raise ModelError("the second model is not an edgetl head")
+    if hm.get(C.KEY_FINGERPRINT) and hm[C.KEY_FINGERPRINT] != bm[C.KEY_FINGERPRINT]:
+        raise ModelError(f"the head was trained on another backbone ({hm.get(C.KEY_BACKBONE)}, "
+                         f"fingerprint {hm[C.KEY_FINGERPRINT][:12]}) than this one ({bm[C.KEY_BACKBONE]}, "
+                         f"{bm[C.KEY_FINGERPRINT][:12]})")
+    dim_b = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    dim_h = head.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    if dim_b != dim_h:
+        raise ModelError(f"embedding sizes differ: backbone {dim_b}, head {dim_h}")
+    b, h = onnx.ModelProto(), onnx.ModelProto()
+    b.CopyFrom(backbone)
+    h.CopyFrom(head)
+    del b.metadata_props[:], h.metadata_props[:]  # merged below, by rule rather than by compose
+    fused = compose.merge_models(b, h, io_map=[(C.EMBEDDING, C.EMBEDDING)], prefix2="head/",
+                                 producer_name="edgetl", producer_version=__version__)
+    # merge_models prefixes the head's output name too; restore the contract's name.
+    out = fused.graph.output[0]
+    for node in fused.graph.node:
+        node.output[:] = [C.PROBABILITIES if o == out.name else o for o in node.output]
+    out.name = C.PROBABILITIES
+    del fused.metadata_props[:]
+    meta = {k: v for k, v in bm.items() if k != C.KEY_FORMAT}
+    meta.update({k: v for k, v in hm.items() if k != C.KEY_FORMAT})
+    meta.update({C.KEY_FORMAT: C.FORMAT_MODEL, C.KEY_VERSION: __version__,
+                 C.KEY_BACKBONE_SHA256: sha256_bytes(backbone.SerializeToString()),
+                 C.KEY_HEAD_SHA256: sha256_bytes(head.SerializeToString())})
+    set_metadata(fused, meta)
+    fused.ir_version = C.IR_VERSION
+    onnx.checker.check_model(fused, full_check=True)
+    return fused
+
+
+def check_fused(fused, backbone, head, batches, atol: float = C.FUSE_ATOL) -> tuple[float, int, list[np.ndarray]]:
+    """Run fused and backbone-then-head on the same uint8 batches (any iterable); ParityError beyond `atol`.
+
+    Returns (max abs diff, images checked, the fused probabilities per batch).
+    """
+    from .export import max_abs_diff
+    from .runtime import session
+
+    sf, sb, sh = (session(m.SerializeToString(), "cpu") for m in (fused, backbone, head))
+    worst, n, outs = 0.0, 0, []
+    for batch in batches:
+        n += len(batch)
+        got = sf.run([C.PROBABILITIES], {C.IMAGE: batch})[0]
+        emb = sb.run([C.EMBEDDING], {C.IMAGE: batch})[0]
+        ref = sh.run([C.PROBABILITIES], {C.EMBEDDING: emb})[0]
+        worst = max(worst, max_abs_diff(got, ref, f"fused model at batch {len(batch)}"))
+        outs.append(got)
+    if not worst <= atol:
+        raise ParityError(f"fused model differs from backbone-then-head by {worst:.2e} (tolerance {atol:.0e}); "
+                          "nothing written")
+    return worst, n, outs
+
+
+def load(path, kind: str):
+    """Load an ONNX file and check it is the edgetl artifact `kind`; ModelError otherwise."""
+    import onnx
+
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"not found: {p}")
+    try:
+        m = onnx.load(str(p))
+    except Exception:
+        raise ModelError(f"{p} is not an ONNX model") from None
+    if _meta(m).get(C.KEY_FORMAT) != kind:
+        raise ModelError(f"{p} is not an edgetl {kind}")
+    return m
