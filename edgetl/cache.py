@@ -156,4 +156,15 @@ def open_for_backbone(root: str | os.PathLike, backbone_meta: dict[str, str], vi
                        backbone_meta[C.KEY_PREPROCESS], int(backbone_meta[C.KEY_EMBEDDING_DIM]), view)
     except KeyError as e:
         raise CacheError(f"the backbone file lacks edgetl metadata {e}") from None
+    own = Path(root) / "namespace.json"
+    if own.exists():  # `root` is itself one namespace folder: use it only if it is this backbone's
+        try:
+            found = json.loads(own.read_text())
+        except (OSError, ValueError):
+            found = {}
+        if found.get("fingerprint") != ns.meta["fingerprint"] or found.get("view") != view:
+            raise CacheError(f"cache {root} holds embeddings of backbone {found.get('backbone', '?')} "
+                             f"({str(found.get('fingerprint', '?'))[:12]}), not of {ns.meta['backbone']} "
+                             f"({ns.meta['fingerprint'][:12]}); point --cache at the cache root instead")
+        ns.dir = Path(root)
     return ns.open(create)

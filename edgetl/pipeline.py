@@ -39,8 +39,11 @@ def prefetch_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
 _END = object()
 
 
-def image_batches(paths: list, spec, batch_size: int = 32, workers: int | None = None):
-    """Yield (paths, uint8 [n,H,W,3], errors) batches; errors is a list of (path, one-line reason)."""
+def image_batches(paths: list, spec, batch_size: int = 32, workers: int | None = None, path=None):
+    """Yield (paths, uint8 [n,H,W,3] or None, errors) batches; errors is a list of (path, one-line reason).
+
+    `paths` may hold any items when `path` maps an item to its file path; items come back as given.
+    """
     import numpy as np
 
     from .errors import ImageError
@@ -48,7 +51,7 @@ def image_batches(paths: list, spec, batch_size: int = 32, workers: int | None =
 
     def load(p):
         try:
-            return load_image(p, spec), None
+            return load_image(path(p) if path else p, spec), None
         except ImageError as e:
             return None, str(e)
 

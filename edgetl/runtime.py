@@ -88,8 +88,20 @@ def session(model: str | os.PathLike | bytes, device: str = "auto", threads: int
     except EdgetlError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{model if not isinstance(model, bytes) else 'model'}: onnxruntime cannot load it: {first}") from None
+        raise ModelError(f"{model if not isinstance(model, bytes) else 'model'}: onnxruntime cannot load it: "
+                         f"{_ort_reason(e)}") from None
+
+
+def _ort_reason(e: Exception) -> str:
+    """The useful tail of an onnxruntime error: no code prefix, no C++ signature, one line."""
+    import re
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed:", "", text)
+    if "onnxruntime::" in text and ") " in text:  # drop the C++ location and signature
+        text = text.rsplit(") ", 1)[-1]
+    return text.strip()[:300]
 
 
 def read_metadata(sess) -> dict[str, str]:
@@ -199,11 +211,11 @@ def predict(model: Model, paths: list[Path], top_k: int = 1, batch_size: int = 3
     from .pipeline import image_batches
 
     k = max(1, min(top_k, len(model.classes)))
-    for ok, batch, errors in image_batches(paths, model.spec, batch_size):
-        for p, err in errors:
-            yield p, None, err
+    for ok, batch, errors in image_batches(list(enumerate(paths)), model.spec, batch_size, path=lambda t: t[1]):
+        rows = [(i, p, None, err) for (i, p), err in errors]
         if batch is not None:
-            probs = model.probabilities(batch)
-            for p, row in zip(ok, probs):
+            for (i, p), row in zip(ok, model.probabilities(batch)):
                 order = np.argsort(-row, kind="stable")[:k]
-                yield p, [(model.classes[i], float(row[i])) for i in order], None
+                rows.append((i, p, [(model.classes[j], float(row[j])) for j in order], None))
+        for _, p, top, err in sorted(rows, key=lambda r: r[0]):  # input order
+            yield p, top, err

@@ -69,6 +69,10 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     from .pipeline import image_batches
     from .preprocess import Spec
 
+    from .data import scan
+
+    scanned = scan(data)  # refuse unusable data before any work
+    check_classes(scanned, list(range(len(scanned.items))))
     out = writable_dir(out_dir)
     r = embed_folder(data, backbone_path, cache_root, device=device, batch_size=batch_size)
     log(f"embedded: {r.summary()}")
