@@ -209,5 +209,41 @@ def predict(model, paths, top_k, fmt, device):
         click.echo(f"{failed} of {len(files)} images could not be read", err=True)
 
 
+@main.command()
+@click.option("--model", default=None, type=click.Path(dir_okay=False),
+              help="A fused model.onnx [default: the newest exports/*/model.onnx].")
+@click.option("--camera", type=int, help="Camera index (0 is the first camera).")
+@click.option("--source", help="A video file, a stream URL, a folder of images or a glob.")
+@click.option("--headless", is_flag=True, help="No window: one JSON line per frame on stdout.")
+@click.option("--save", type=click.Path(dir_okay=False), help="Write the annotated video (e.g. out.mp4).")
+@click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Below this top probability the frame is labelled 'unknown'.")
+@click.option("--smooth", default=1, show_default=True, type=click.IntRange(1), help="Average over the last N frames.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device):
+    """Classify live frames from a camera, a video, a stream or a folder (onnxruntime, no torch)."""
+    from . import live, runtime
+
+    if (camera is None) == (source is None):
+        raise click.UsageError("give exactly one of --camera INDEX or --source FILE|URL|FOLDER|GLOB")
+    m = runtime.load_model(model or _newest_model(), device, spin=False)  # the capture thread needs the CPU too
+    s = live.run(m, camera=camera, source=source, headless=headless, save=save, threshold=threshold,
+                 smooth=smooth, top_k=top_k, max_frames=max_frames)
+    click.echo(s.line(), err=True)
+    if s.ended == "interrupted":
+        sys.exit(130)
+
+
+def _newest_model() -> str:
+    from pathlib import Path
+
+    found = sorted(Path("exports").glob("*/model.onnx"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise EdgetlError("no exports/*/model.onnx here; train one with `edgetl train-head DATA` or pass --model")
+    return str(found[-1])
+
+
 if __name__ == "__main__":
     main()

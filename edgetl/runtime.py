@@ -133,12 +133,16 @@ class Model:
         return self.probabilities(frame_to_input(bgr, self.spec)[None])[0]
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> Model:
-    """Load an edgetl model.onnx; ModelError when it is missing, not ONNX, or not an edgetl model."""
+def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+               spin: bool = True) -> Model:
+    """Load an edgetl model.onnx; ModelError when it is missing, not ONNX, or not an edgetl model.
+
+    spin=False suits loops where another thread (capture, decoding) needs the CPU between runs.
+    """
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"model not found: {p}")
-    sess = session(p, device, threads)
+    sess = session(p, device, threads, spin)
     meta = read_metadata(sess)
     if meta.get(C.KEY_FORMAT) != C.FORMAT_MODEL:
         kind = meta.get(C.KEY_FORMAT)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import shutil
 import signal
 import statistics
@@ -63,13 +62,18 @@ def torch_baseline(data: Path, bb, batch: int, threads: int) -> tuple[float, int
     return time.perf_counter() - t, len(ds)
 
 
-def peak_rss_mb(cmd: list[str]) -> float:
-    """Peak RSS of a child process, from wait4's rusage."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{cmd} failed: {proc.stderr.read().decode()[-500:]}")
-    return usage.ru_maxrss / 1024
+def peak_rss_mb(args: list[str]) -> float:
+    """Peak RSS (VmHWM) of `edgetl ARGS` in a fresh interpreter, read by the child itself at exit.
+
+    (wait4's ru_maxrss would include this large parent's memory, inherited through fork and exec.)
+    """
+    code = ("import atexit, sys; atexit.register(lambda: print('VmHWM', open('/proc/self/status').read()"
+            ".split('VmHWM:')[1].split()[0], file=sys.stderr)); from edgetl.cli import main; "
+            f"sys.argv = ['edgetl'] + {args!r}; main()")
+    r = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"edgetl {' '.join(args)} failed: {r.stderr[-500:]}")
+    return int(r.stderr.split("VmHWM")[-1].split()[0]) / 1024
 
 
 def main():
@@ -89,7 +93,6 @@ def main():
     files = sorted(p for p in a.data.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     print(f"{len(files)} photos in {a.data}, {threads} threads, EfficientNet-Lite0, batch {a.batch}")
 
-    first = None
     if "throughput" not in skip:
         arrays = [load_image(f, bb.spec) for f in files]
         rows = {"edgetl embed": [], "ceiling": [], "pytorch": []}
@@ -108,7 +111,6 @@ def main():
         print(f"   edgetl / ceiling = {statistics.median(ratios):.2f} (per round {', '.join(f'{x:.2f}' for x in ratios)}; "
               f"target >= 0.85)")
         print(f"   edgetl / pytorch = {med['edgetl embed'] / med['pytorch']:.2f} (target >= 3)")
-        first = len(files) / med["edgetl embed"]
 
     if "rerun" not in skip:
         shutil.rmtree(work / "cache", ignore_errors=True)
@@ -133,10 +135,9 @@ def main():
         make(a.data, small, 1000)
         out = []
         for folder, n in ((small, 1000), (src_big, a.big)):
-            cmd = [sys.executable, "-m", "edgetl.cli", "embed", str(folder), "--backbone", str(onnx_path),
-                   "--cache", str(work / f"rss-cache-{n}")]
+            args = ["embed", str(folder), "--backbone", str(onnx_path), "--cache", str(work / f"rss-cache-{n}")]
             t = time.perf_counter()
-            out.append((n, peak_rss_mb(cmd), time.perf_counter() - t))
+            out.append((n, peak_rss_mb(args), time.perf_counter() - t))
         print("3. peak RSS of `edgetl embed`: " + "; ".join(f"{n} images {mb:.0f} MB ({s:.0f} s)" for n, mb, s in out)
               + f"; ratio {out[1][1] / out[0][1]:.2f} (target <= 1.5 GB, about flat)")
 
@@ -167,7 +168,6 @@ def main():
         print(f"4. crash test: kill -9 at {', '.join(moments)}; final run embedded {final.new} more; "
               f"keys equal: {same}; max abs diff {diff:.1e} (target <= 1e-5)")
     shutil.rmtree(work, ignore_errors=True)
-    _ = first, resource
 
 
 if __name__ == "__main__":

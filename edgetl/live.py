@@ -1,0 +1,371 @@
+"""`edgetl run`: the live loop on a camera, a video, a stream or a folder. Torch-free.
+
+A capture thread reads and preprocesses frames. From a camera or a stream it keeps only the newest
+frame (inference never falls behind, no queue grows); from a file or a folder it hands over every
+frame in order. The main thread runs the model, smooths, thresholds, and reports (JSON lines, a
+window, and/or an annotated video).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgetlError
+from .preprocess import decode_bgr, frame_to_input
+
+UNKNOWN = "unknown"
+
+
+@dataclasses.dataclass
+class Frame:
+    index: int
+    t: float  # seconds: position in a file, or since start for live sources
+    bgr: np.ndarray
+    rgb_input: np.ndarray  # preprocessed model input
+    capture_ms: float
+    preprocess_ms: float
+
+
+class SourceError(EdgetlError):
+    pass
+
+
+def _cv2():
+    from .preprocess import _cv2 as get
+
+    return get()
+
+
+def open_camera(index: int, timeout_s: float = 5.0):
+    """An opened cv2.VideoCapture; SourceError naming the indices that did open otherwise."""
+    cv2 = _cv2()
+    cap = cv2.VideoCapture(index)
+    if cap.isOpened():
+        ok, _ = cap.read()
+        if ok:
+            return cap
+    cap.release()
+    t0, found = time.monotonic(), []
+    for i in range(10):
+        if i == index or time.monotonic() - t0 > timeout_s:
+            continue
+        c = cv2.VideoCapture(i)
+        if c.isOpened():
+            found.append(i)
+        c.release()
+    hint = f"cameras that opened: {', '.join(map(str, found))}" if found else "no camera could be opened here"
+    raise SourceError(f"camera {index} cannot be opened; {hint}")
+
+
+class Capture:
+    """Background reader. `latest_only` keeps the newest frame (cameras, streams); otherwise every
+    frame is delivered in order (files, folders)."""
+
+    def __init__(self, kind: str, target, spec, latest_only: bool, retries: int = 3):
+        self.kind, self.target, self.spec = kind, target, spec
+        self.latest_only, self.retries = latest_only, retries
+        self.fps = 0.0
+        self.size: tuple[int, int] | None = None
+        self.dropped = 0
+        self.error: str | None = None
+        self._cond = threading.Condition()
+        self._slot: collections.deque = collections.deque(maxlen=1 if latest_only else 4)
+        self._done = False
+        self._stop = threading.Event()
+        self._cap = None
+        self._files: list[Path] = []
+        self._open()
+        self._thread = threading.Thread(target=self._run, name="edgetl-capture", daemon=True)
+
+    def _open(self):
+        cv2 = _cv2()
+        if self.kind == "camera":
+            self._cap = open_camera(int(self.target))
+        elif self.kind == "files":
+            self._files = list(self.target)
+            return
+        else:
+            self._cap = cv2.VideoCapture(str(self.target))
+            if not self._cap.isOpened():
+                raise SourceError(f"cannot open video source {self.target}")
+        self.fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        if not (0 < self.fps < 1000):
+            self.fps = 0.0
+
+    def start(self) -> "Capture":
+        self._thread.start()
+        return self
+
+    def _read(self, index: int):
+        """(t, bgr) of the next frame, or None at the end. Retries a dropped stream."""
+        if self.kind == "files":
+            while index < len(self._files):
+                path = self._files[index]
+                try:
+                    return 0.0, decode_bgr(path.read_bytes(), self.spec.resize_size, str(path))
+                except (OSError, EdgetlError) as e:
+                    print(f"skipped {path}: {e}", file=sys.stderr)
+                    self._files.pop(index)
+            return None
+        cv2 = _cv2()
+        for attempt in range(self.retries + 1):
+            ok, frame = self._cap.read()
+            if ok and frame is not None:
+                t = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0 if self.kind == "file" else None
+                return t, frame
+            if self.kind == "file" or self._stop.is_set():
+                return None
+            if attempt < self.retries:  # a camera or stream that dropped: reopen and retry
+                print(f"source dropped; retrying ({attempt + 1}/{self.retries})", file=sys.stderr)
+                time.sleep(0.5 * (attempt + 1))
+                self._cap.release()
+                self._cap = cv2.VideoCapture(int(self.target) if self.kind == "camera" else str(self.target))
+        self.error = f"source {self.target} dropped and did not come back after {self.retries} retries"
+        return None
+
+    def _run(self):
+        t_start, index = time.monotonic(), 0
+        try:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                got = self._read(index)
+                if got is None:
+                    break
+                t, bgr = got
+                t1 = time.perf_counter()
+                rgb = frame_to_input(bgr, self.spec)
+                t2 = time.perf_counter()
+                if self.size is None:
+                    self.size = (bgr.shape[1], bgr.shape[0])
+                frame = Frame(index, t if t is not None else time.monotonic() - t_start, bgr, rgb,
+                              (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+                index += 1
+                with self._cond:
+                    if self.latest_only:
+                        self.dropped += len(self._slot)
+                    else:
+                        while len(self._slot) >= self._slot.maxlen and not self._stop.is_set():
+                            self._cond.wait(0.1)
+                    self._slot.append(frame)
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def next(self, timeout: float = 10.0) -> Frame | None:
+        """The next frame (the newest, for live sources), or None when the source ended."""
+        with self._cond:
+            deadline = time.monotonic() + timeout
+            while not self._slot and not self._done:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    if time.monotonic() >= deadline:
+                        self.error = self.error or f"no frame from {self.target} for {timeout:.0f} s"
+                        return None
+            if not self._slot:
+                return None
+            frame = self._slot.popleft()
+            self._cond.notify_all()
+            return frame
+
+    def stop(self):
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._cap is not None:
+            self._cap.release()
+
+
+def resolve_source(camera: int | None, source: str | None):
+    """(kind, target, latest_only) for --camera/--source. kind: camera | file | stream | files."""
+    from .runtime import expand_paths
+
+    if camera is not None:
+        return "camera", camera, True
+    if source is None:
+        raise EdgetlError("give --camera INDEX or --source FILE|URL|FOLDER|GLOB")
+    if "://" in source:
+        return "stream", source, True
+    p = Path(source)
+    if p.is_dir() or (not p.exists() and any(ch in source for ch in "*?[")):
+        files = expand_paths([source])
+        if not files:
+            raise SourceError(f"no images in {source}")
+        return "files", files, False
+    if not p.exists():
+        raise SourceError(f"no such file: {source}")
+    from .data import looks_like_image
+
+    with open(p, "rb") as f:
+        head = f.read(16)
+    from .data import _MAGIC
+
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "files", [p], False
+    return "file", p, False
+
+
+class Smoother:
+    """Average of the last N probability vectors."""
+
+    def __init__(self, n: int):
+        self.buf: collections.deque = collections.deque(maxlen=max(1, n))
+
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        self.buf.append(probs)
+        return np.mean(self.buf, axis=0)
+
+
+def decide(probs: np.ndarray, classes: list[str], threshold: float, top_k: int):
+    """(label, prob, top-k [(class, prob)]); label is 'unknown' when the top prob is below threshold."""
+    order = np.argsort(-probs, kind="stable")[:max(1, top_k)]
+    top = [(classes[i], float(probs[i])) for i in order]
+    label = top[0][0] if top[0][1] >= threshold else UNKNOWN
+    return label, top[0][1], top
+
+
+def draw(frame: np.ndarray, label: str, prob: float, top, fps: float, stages: dict[str, float]) -> np.ndarray:
+    """Overlay: label and confidence, top-k bars, FPS and per-stage latency."""
+    cv2 = _cv2()
+    img = frame.copy()
+    h, w = img.shape[:2]
+    scale = max(0.5, w / 900)
+    colour = (60, 200, 60) if label != UNKNOWN else (0, 165, 255)
+    cv2.rectangle(img, (0, 0), (w, int(44 * scale)), (0, 0, 0), -1)
+    cv2.putText(img, f"{label} {prob:.2f}", (10, int(32 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 1.0 * scale, colour,
+                max(1, int(2 * scale)), cv2.LINE_AA)
+    y = int(60 * scale)
+    for name, p in top:
+        bar = int((w * 0.35) * p)
+        cv2.rectangle(img, (10, y), (10 + bar, y + int(16 * scale)), (200, 160, 40), -1)
+        cv2.putText(img, f"{name} {p:.2f}", (14, y + int(13 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        y += int(22 * scale)
+    info = f"{fps:.1f} FPS  " + "  ".join(f"{k} {v:.1f}ms" for k, v in stages.items())
+    cv2.rectangle(img, (0, h - int(26 * scale)), (w, h), (0, 0, 0), -1)
+    cv2.putText(img, info, (10, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return img
+
+
+@dataclasses.dataclass
+class RunSummary:
+    frames: int
+    seconds: float
+    dropped: int
+    stages_ms: dict[str, float]
+    saved: str | None
+    ended: str  # "end of source" | "quit" | "interrupted" | error text
+
+    def line(self) -> str:
+        fps = self.frames / self.seconds if self.seconds > 0 else 0.0
+        st = ", ".join(f"{k} {v:.1f} ms" for k, v in self.stages_ms.items())
+        return (f"{self.frames} frames in {self.seconds:.1f} s ({fps:.1f} FPS; {st}); {self.ended}"
+                + (f"; {self.dropped} stale frames dropped" if self.dropped else "")
+                + (f"; saved {self.saved}" if self.saved else ""))
+
+
+def has_display() -> bool:
+    return os.name == "nt" or sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def run(model, camera: int | None = None, source: str | None = None, headless: bool = False,
+        save: str | None = None, threshold: float = 0.0, smooth: int = 1, top_k: int = 3,
+        max_frames: int | None = None, out=None) -> RunSummary:
+    """The live loop. Returns a summary; Ctrl-C ends it cleanly (the saved video stays playable)."""
+    cv2 = _cv2()
+    out = out or sys.stdout
+    if not headless and not has_display():
+        raise EdgetlError("no display to open a window on; use --headless (JSON lines) and/or --save out.mp4")
+    kind, target, latest_only = resolve_source(camera, source)
+    cap = Capture(kind, target, model.spec, latest_only).start()
+    smoother = Smoother(smooth)
+    writer = None
+    stats = collections.defaultdict(float)
+    n, ended, t_begin = 0, "end of source", time.perf_counter()
+    fps_window: collections.deque = collections.deque(maxlen=30)
+    try:
+        while max_frames is None or n < max_frames:
+            frame = cap.next()
+            if frame is None:
+                ended = cap.error or "end of source"
+                break
+            t0 = time.perf_counter()
+            probs = smoother(model.probabilities(frame.rgb_input[None])[0])
+            infer_ms = (time.perf_counter() - t0) * 1e3
+            label, prob, top = decide(probs, model.classes, threshold, top_k)
+            n += 1
+            fps_window.append(time.perf_counter())
+            fps = (len(fps_window) - 1) / (fps_window[-1] - fps_window[0]) if len(fps_window) > 1 else 0.0
+            stages = {"capture": frame.capture_ms, "preprocess": frame.preprocess_ms, "inference": infer_ms}
+            for k, v in stages.items():
+                stats[k] += v
+            if headless:
+                out.write(json.dumps({"frame": frame.index, "t": round(frame.t, 4), "label": label,
+                                      "prob": round(prob, 6), "top": [[c, round(p, 6)] for c, p in top]},
+                                     ensure_ascii=False) + "\n")
+                out.flush()
+            if save or not headless:
+                shown = draw(frame.bgr, label, prob, top, fps, stages)
+                if save:
+                    if writer is None:
+                        writer = _writer(save, cap.fps or 30.0, (frame.bgr.shape[1], frame.bgr.shape[0]))
+                    if (shown.shape[1], shown.shape[0]) != writer.size:
+                        shown = cv2.resize(shown, writer.size)
+                    writer.video.write(shown)
+                if not headless:
+                    cv2.imshow("edgetl", shown)
+                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                        ended = "quit"
+                        break
+    except KeyboardInterrupt:
+        ended = "interrupted"
+    except BrokenPipeError:  # `edgetl run --headless | head`: the reader left
+        ended = "output closed"
+        _silence_stdout()
+    finally:
+        cap.stop()
+        if writer is not None:
+            writer.video.release()
+        if not headless:
+            cv2.destroyAllWindows()
+    seconds = time.perf_counter() - t_begin
+    return RunSummary(n, seconds, cap.dropped, {k: v / max(n, 1) for k, v in stats.items()},
+                      save if writer is not None else None, ended)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at devnull so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+@dataclasses.dataclass
+class _Writer:
+    video: object
+    size: tuple[int, int]
+
+
+def _writer(path: str, fps: float, size: tuple[int, int]) -> _Writer:
+    cv2 = _cv2()
+    from .files import writable_dir
+
+    writable_dir(Path(path).parent)
+    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if Path(path).suffix.lower() in (".mp4", ".m4v", ".mov") else "MJPG"))
+    video = cv2.VideoWriter(str(path), fourcc, fps, size)
+    if not video.isOpened():
+        raise EdgetlError(f"cannot write video {path} (try a .mp4 or .avi name)")
+    return _Writer(video, size)

@@ -1,0 +1,186 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import photo
+from edgetl import live, runtime
+from edgetl.cli import main
+
+
+def photos(n, folder):
+    """Real photos when the shared dataset is there, synthetic ones otherwise."""
+    if folder.exists():
+        return [cv2.imread(str(p)) for p in sorted(folder.rglob("*.jpg"))[:n]]
+    return [np.asarray(photo(i, size=(500, 375)))[..., ::-1].copy() for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, tiny_onnx):
+    from conftest import HYMENOPTERA
+
+    tmp = tmp_path_factory.mktemp("runmodel")
+    data = tmp / "data"
+    for cls, sub in (("ants", "ants"), ("bees", "bees")):
+        (data / cls).mkdir(parents=True)
+        for i, img in enumerate(photos(6, HYMENOPTERA / "train" / sub)):
+            cv2.imwrite(str(data / cls / f"{i}.jpg"), img)
+    r = CliRunner().invoke(main, ["train-head", str(data), "--backbone", str(tiny_onnx), "--cache",
+                                  str(tmp / "cache"), "-o", str(tmp / "out")])
+    assert r.exit_code == 0, r.output
+    return tmp / "out" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """A real 640x480 video written with OpenCV from photos, and its frames decoded back."""
+    from conftest import HYMENOPTERA
+
+    tmp = tmp_path_factory.mktemp("video")
+    path = tmp / "clip.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+    for img in photos(12, HYMENOPTERA / "val"):
+        w.write(cv2.resize(img, (640, 480)))
+    w.release()
+    cap, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    assert len(frames) == 12
+    return path, frames
+
+
+def run_cli(*args):
+    r = CliRunner().invoke(main, ["run", *map(str, args)])
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return r, lines
+
+
+def test_headless_json_matches_predict_on_the_same_frames(model_path, video, tmp_path):
+    path, frames = video
+    r, rows = run_cli("--model", model_path, "--source", path, "--headless", "--top-k", "2")
+    assert r.exit_code == 0, r.output
+    assert [row["frame"] for row in rows] == list(range(12))
+    assert all(set(row) == {"frame", "t", "label", "prob", "top"} for row in rows)
+    pngs = []
+    for i, f in enumerate(frames):  # lossless copies of the decoded frames
+        pngs.append(tmp_path / f"f{i:02d}.png")
+        cv2.imwrite(str(pngs[-1]), f)
+    model = runtime.load_model(model_path)
+    expected = list(runtime.predict(model, pngs, top_k=2))
+    for row, (_, top, _) in zip(rows, expected):
+        assert row["label"] == top[0][0]
+        assert [c for c, _ in row["top"]] == [c for c, _ in top]
+        assert np.allclose([p for _, p in row["top"]], [p for _, p in top], atol=1e-5)
+    # a folder source gives the same as well
+    r2, rows2 = run_cli("--model", model_path, "--source", tmp_path, "--headless", "--top-k", "2")
+    assert [x["top"] for x in rows2] == [x["top"] for x in rows]
+
+
+def test_threshold_and_smoothing(model_path, video):
+    path, _ = video
+    _, raw = run_cli("--model", model_path, "--source", path, "--headless", "--top-k", "2")
+    mid = float(np.median([row["prob"] for row in raw]))
+    _, th = run_cli("--model", model_path, "--source", path, "--headless", "--threshold", mid, "--top-k", "2")
+    for a, b in zip(raw, th):
+        assert b["label"] == (a["label"] if a["prob"] >= mid else "unknown")
+    assert any(b["label"] == "unknown" for b in th) and any(b["label"] != "unknown" for b in th)
+    _, sm = run_cli("--model", model_path, "--source", path, "--headless", "--smooth", "3", "--top-k", "2")
+    classes = sorted({c for row in raw for c, _ in row["top"]})
+    vec = np.array([[dict(row["top"])[c] for c in classes] for row in raw])
+    for i, row in enumerate(sm):
+        want = vec[max(0, i - 2):i + 1].mean(0)
+        assert np.allclose([dict(row["top"])[c] for c in classes], want, atol=2e-6)
+
+
+def test_save_writes_a_playable_video(model_path, video, tmp_path):
+    path, frames = video
+    out = tmp_path / "annotated.mp4"
+    r, rows = run_cli("--model", model_path, "--source", path, "--headless", "--save", out)
+    assert r.exit_code == 0 and "saved" in r.stderr
+    cap = cv2.VideoCapture(str(out))
+    got = 0
+    while cap.read()[0]:
+        got += 1
+    assert got == len(frames) == len(rows)
+
+
+def test_camera_that_cannot_open_is_one_line_quickly(model_path):
+    t = time.monotonic()
+    r, _ = run_cli("--model", model_path, "--camera", "7", "--headless")
+    assert r.exit_code == 1 and r.output.startswith("Error: camera 7 cannot be opened;")
+    assert len(r.output.strip().splitlines()) == 1 and time.monotonic() - t < 10
+
+
+def test_bad_sources_and_models(model_path, tmp_path, tiny_onnx):
+    r, _ = run_cli("--model", model_path, "--source", tmp_path / "missing.mp4", "--headless")
+    assert r.exit_code == 1 and "no such file" in r.output
+    r, _ = run_cli("--model", tiny_onnx, "--source", tmp_path, "--headless")
+    assert r.exit_code == 1 and "not a fused model" in r.output
+    r, _ = run_cli("--model", model_path, "--headless")
+    assert r.exit_code == 2 and "exactly one of" in r.output
+    if not live.has_display():
+        r, _ = run_cli("--model", model_path, "--source", tmp_path)
+        assert r.exit_code == 1 and "--headless" in r.output
+
+
+def test_live_sources_keep_only_the_newest_frame(model_path, video):
+    """A slow consumer of a 'live' source sees increasing, gapped frames and never a backlog."""
+    path, _ = video
+    model = runtime.load_model(model_path)
+    cap = live.Capture("file", path, model.spec, latest_only=True).start()
+    seen = []
+    while True:
+        f = cap.next()
+        if f is None:
+            break
+        seen.append(f.index)
+        assert len(cap._slot) <= 1
+        time.sleep(0.05)
+    cap.stop()
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    assert cap.dropped > 0 and len(seen) + cap.dropped == 12
+
+
+def test_runtime_does_not_import_torch(model_path, video):
+    path, _ = video
+    code = ("import sys, io, edgetl.runtime as rt, edgetl.live as lv; "
+            f"m = rt.load_model({str(model_path)!r}); s = lv.run(m, source={str(path)!r}, headless=True, out=io.StringIO()); "
+            "assert s.frames == 12, s; bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'torchvision', 'timm')]; "
+            "assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_ctrl_c_keeps_the_saved_video_playable(model_path, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(400):
+        cv2.imwrite(str(frames / f"{i:04d}.jpg"), np.full((240, 320, 3), i % 256, np.uint8))
+    out = tmp_path / "partial.avi"
+    proc = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "run", "--model", str(model_path), "--source",
+                             str(frames), "--headless", "--save", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    printed = len([line for line in stdout.splitlines() if line.startswith("{")])
+    cap = cv2.VideoCapture(str(out))
+    got = 0
+    while cap.read()[0]:
+        got += 1
+    assert 0 < got == printed < 400
