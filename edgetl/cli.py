@@ -24,7 +24,17 @@ class Group(click.Group):
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             click.echo("interrupted; nothing half-written was left behind", err=True)
-            sys.exit(130)
+            _exit(130)
+
+
+def _exit(code: int) -> None:
+    """Exit now with `code`. (sys.exit is not enough after Ctrl-C: if the signal landed inside an
+    extension's import, the interpreter would re-raise it at shutdown and die by SIGINT.)"""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -233,7 +243,7 @@ def run(model, camera, source, headless, save, threshold, smooth, top_k, max_fra
                  smooth=smooth, top_k=top_k, max_frames=max_frames)
     click.echo(s.line(), err=True)
     if s.ended == "interrupted":
-        sys.exit(130)
+        _exit(130)
 
 
 def _newest_model() -> str:

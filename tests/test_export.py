@@ -80,7 +80,8 @@ def test_failed_parity_writes_nothing(tmp_path, tiny_backbone):
 
 def test_ctrl_c_leaves_no_partial_file(tmp_path):
     """Interrupt real exports at several moments: never a partial or temporary file."""
-    for delay in (3.0, 6.0, 8.0):
+    interrupted = 0
+    for delay in (2.0, 4.0, 6.0, 8.0):
         out = tmp_path / f"d{delay}" / "backbone.onnx"
         proc = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "export-backbone", "-o", str(out)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -88,13 +89,15 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
         leftovers = [p.name for p in out.parent.iterdir()] if out.parent.exists() else []
-        if proc.returncode == 0:  # finished before the signal: the file is whole
+        assert "Traceback" not in err
+        if out.exists():  # it had finished (the signal may then land in interpreter shutdown): whole
             onnx.checker.check_model(onnx.load(str(out)))
             assert leftovers == ["backbone.onnx"]
         else:
-            assert proc.returncode == 130, err
+            assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
             assert leftovers == [], leftovers
-            assert "interrupted" in err and "Traceback" not in err
+            interrupted += 1
+    assert interrupted >= 1
 
 
 def test_opset_and_ir_version_are_the_contract(tiny_onnx):
