@@ -151,9 +151,11 @@ def open_for_backbone(root: str | os.PathLike, backbone_meta: dict[str, str], vi
     """The namespace for an exported backbone.onnx, from its metadata."""
     from . import contract as C
 
+    trunk = backbone_meta.get(C.KEY_FORMAT) == C.FORMAT_TRUNK
     try:
         ns = Namespace(root, backbone_meta[C.KEY_BACKBONE], backbone_meta[C.KEY_FINGERPRINT],
-                       backbone_meta[C.KEY_PREPROCESS], int(backbone_meta[C.KEY_EMBEDDING_DIM]), view)
+                       backbone_meta[C.KEY_PREPROCESS], int(backbone_meta[C.KEY_EMBEDDING_DIM]), view,
+                       "float16" if trunk else "float32")  # activation maps are large: half precision
     except KeyError as e:
         raise CacheError(f"the backbone file lacks edgetl metadata {e}") from None
     own = Path(root) / "namespace.json"

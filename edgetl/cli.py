@@ -123,9 +123,16 @@ def report_embed(r) -> None:
               help="Used when DATA has no val/ split.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--unfreeze", default="0", show_default=True,
+              help="Final backbone blocks to train: 0 (head only), N, all (full fine-tuning) or auto.")
+@click.option("--augment", default=0, show_default=True, type=click.IntRange(0, 32),
+              help="Cache K augmented views of each training image (with --unfreeze all: augment online).")
+@click.option("--train-bn", is_flag=True, help="Also update BatchNorm statistics of the trained blocks.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="The --weights FILE the backbone was exported with.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder [default: exports/<DATA name>].")
 def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patience, lr, weight_decay,
-                   label_smoothing, class_weights, val_fraction, seed, device, output):
+                   label_smoothing, class_weights, val_fraction, seed, device, unfreeze, augment, train_bn, weights,
+                   output):
     """Train a new softmax (or MLP) on cached embeddings and fuse it into one verified model.onnx."""
     from .head import HeadConfig
     from .train import default_out, train_head
@@ -137,10 +144,14 @@ def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patienc
     cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
                      label_smoothing=label_smoothing, class_weights=class_weights, max_epochs=epochs,
                      patience=patience, seed=seed)
+    if unfreeze not in ("all", "auto") and not unfreeze.isdigit():
+        raise click.BadParameter(f"{unfreeze!r}: use 0, a number of blocks, all or auto", param_hint="--unfreeze")
     s = train_head(data, backbone, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
+                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights,
                    log=lambda line: click.echo(line, err=True))
     m = s["metrics"]
-    click.echo(f"wrote {s['out'] / 'model.onnx'}: {len(m['classes'])} classes, val accuracy {m['accuracy']:.4f} "
+    click.echo(f"wrote {s['out'] / 'model.onnx'} ({s['regime']}): {len(m['classes'])} classes, "
+               f"val accuracy {m['accuracy']:.4f} "
                f"({m['correct']}/{m['n']}); fused vs chained max abs diff {s['fuse_max_abs_diff']:.1e}")
     click.echo(f"next: edgetl run --model {s['out'] / 'model.onnx'} --camera 0")
 

@@ -12,11 +12,12 @@ IR_VERSION = 8
 # Tensor names.
 IMAGE = "image"  # uint8 [N, H, W, 3], RGB, at the size stored in metadata
 EMBEDDING = "embedding"  # float32 [N, D]
+ACTIVATION = "activation"  # float32 [N, C, h, w]: a trunk's output (the backbone cut before its last blocks)
 PROBABILITIES = "probabilities"  # float32 [N, C], softmax inside the graph
 BATCH_AXIS = "batch"
 
 # Metadata keys (metadata_props of the ONNX model). Values are strings; JSON where structured.
-KEY_FORMAT = "edgetl.format"  # "backbone" | "head" | "model"
+KEY_FORMAT = "edgetl.format"  # "backbone" | "trunk" | "head" | "top" | "model"
 KEY_VERSION = "edgetl.version"
 KEY_BACKBONE = "edgetl.backbone"  # registry name
 KEY_WEIGHTS_SHA256 = "edgetl.weights_sha256"
@@ -28,9 +29,12 @@ KEY_HEAD = "edgetl.head"  # JSON description of the head
 KEY_HEAD_SHA256 = "edgetl.head_sha256"
 KEY_BACKBONE_SHA256 = "edgetl.backbone_sha256"
 KEY_TRAINING = "edgetl.training"  # JSON summary of training
+KEY_CUT = "edgetl.cut"  # JSON {"unfreeze": N, "block": k, "blocks": B, "shape": [C, h, w]} of a trunk
 
 FORMAT_BACKBONE = "backbone"
 FORMAT_HEAD = "head"
+FORMAT_TRUNK = "trunk"  # image → activation (frozen part)
+FORMAT_TOP = "top"  # activation → probabilities (trained blocks + head)
 FORMAT_MODEL = "model"
 
 # Parity tolerances (max abs difference) for the checks run before anything is written.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,9 +18,9 @@ import numpy as np
 from . import contract as C
 from .cache import Namespace, image_key, open_for_backbone
 from .data import Dataset, scan
-from .errors import ImageError, ModelError
+from .errors import CacheError, ImageError, ModelError
 from .pipeline import prefetch_map
-from .preprocess import Spec, load_image
+from .preprocess import Spec, augment_view, decode_bgr, load_image, view_seed
 from .runtime import read_metadata, session
 
 
@@ -39,7 +40,7 @@ def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | 
         raise ModelError(f"backbone not found: {p} (run `edgetl export-backbone` first)")
     sess = session(p, device, threads, spin)
     meta = read_metadata(sess)
-    if meta.get(C.KEY_FORMAT) != C.FORMAT_BACKBONE:
+    if meta.get(C.KEY_FORMAT) not in (C.FORMAT_BACKBONE, C.FORMAT_TRUNK):
         raise ModelError(f"{p} is not an edgetl backbone (export one with `edgetl export-backbone`)")
     return sess, Spec.from_json(meta[C.KEY_PREPROCESS]), meta
 
@@ -67,7 +68,7 @@ class EmbedResult:
         return lines
 
 
-def _read(item: tuple[int, Path], spec: Spec, known: set[bytes]):
+def _read(item: tuple[int, Path], spec: Spec, known: set[bytes], view: str):
     """Worker: read, hash, and (only when not cached) decode and resize. Runs in a thread."""
     path = item[1]
     try:
@@ -78,22 +79,34 @@ def _read(item: tuple[int, Path], spec: Spec, known: set[bytes]):
     if key in known:
         return key, None, None
     try:
-        return key, load_image(data, spec, str(path)), None
+        if view == "center":
+            return key, load_image(data, spec, str(path)), None
+        return key, augment_view(decode_bgr(data, spec.resize_size, str(path)), spec, view_seed(key, view)), None
     except ImageError as e:
         return None, None, str(e)
 
 
 def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_root: str | os.PathLike,
                  device: str = "auto", batch_size: int = 32, workers: int | None = None,
-                 threads: int | None = None, progress: bool | None = None, spin: bool = False) -> EmbedResult:
+                 threads: int | None = None, progress: bool | None = None, spin: bool = False,
+                 view: str = "center", only=None, max_bytes: int | None = None) -> EmbedResult:
     """Bring the cache up to date for every image under `data`; return per-item keys and counts.
 
-    Memory stays flat: at most a few batches of decoded images are in flight.
+    `backbone` is a backbone.onnx or a trunk.onnx (activation maps, cached as float16). `view` is
+    "center" (the deployment crop) or "aug<i>" (a seeded random augmentation; its own namespace).
+    `only` limits the work to a subset of the dataset's item indices. Memory stays flat: at most a
+    few batches of decoded images are in flight.
     """
     t0 = time.perf_counter()
     sess, spec, meta = open_backbone(backbone, device, threads, spin)
     ds = scan(data)
-    ns = open_for_backbone(cache_root, meta)
+    ns = open_for_backbone(cache_root, meta, view)
+    out_name = sess.get_outputs()[0].name
+    if max_bytes is not None:
+        need = len(ds.items) * ns.dim * ns.dtype.itemsize
+        free = shutil.disk_usage(ns.dir).free
+        if need > free:
+            raise CacheError(f"the cache would need {need / 1e9:.2f} GB and {ns.dir} has {free / 1e9:.2f} GB free")
     known = ns.keys()
     keys: list[bytes | None] = [None] * len(ds.items)
     skipped: list[tuple[Path, str]] = []
@@ -105,14 +118,15 @@ def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_roo
     def flush():
         nonlocal pending_keys, pending_arrays
         if pending_keys:
-            emb = sess.run([C.EMBEDDING], {C.IMAGE: np.stack(pending_arrays)})[0]
-            ns.add(pending_keys, emb)
+            emb = sess.run([out_name], {C.IMAGE: np.stack(pending_arrays)})[0]
+            ns.add(pending_keys, emb.reshape(len(emb), -1))
             pending_keys, pending_arrays = [], []
             batch_seen.clear()
 
-    bar = _progress(len(ds.items), progress)
-    work = ((i, it.path) for i, it in enumerate(ds.items))
-    read = functools.partial(_read, spec=spec, known=known)
+    wanted = range(len(ds.items)) if only is None else sorted(only)
+    bar = _progress(len(wanted), progress)
+    work = ((i, ds.items[i].path) for i in wanted)
+    read = functools.partial(_read, spec=spec, known=known, view=view)
     for (idx, path), (key, arr, err) in prefetch_map(read, work, workers, window=2 * batch_size):
         if err:
             skipped.append((path, err))

@@ -55,23 +55,28 @@ def fuse(backbone, head):
     from .export import set_metadata, sha256_bytes
 
     bm, hm = _meta(backbone), _meta(head)
-    if bm.get(C.KEY_FORMAT) != C.FORMAT_BACKBONE:
-        raise ModelError("the first model is not an edgetl backbone")
-    if hm.get(C.KEY_FORMAT) != C.FORMAT_HEAD:
-        raise ModelError("the second model is not an edgetl head")
+    pairs = {C.FORMAT_BACKBONE: C.FORMAT_HEAD, C.FORMAT_TRUNK: C.FORMAT_TOP}
+    if bm.get(C.KEY_FORMAT) not in pairs:
+        raise ModelError("the first model is not an edgetl backbone or trunk")
+    if hm.get(C.KEY_FORMAT) != pairs[bm[C.KEY_FORMAT]]:
+        raise ModelError(f"the second model is not an edgetl {pairs[bm[C.KEY_FORMAT]]} (it must follow the "
+                         f"{bm[C.KEY_FORMAT]})")
+    if hm.get(C.KEY_CUT, bm.get(C.KEY_CUT)) != bm.get(C.KEY_CUT):
+        raise ModelError("the top was trained for another cut point than this trunk")
     if hm.get(C.KEY_FINGERPRINT) and hm[C.KEY_FINGERPRINT] != bm[C.KEY_FINGERPRINT]:
         raise ModelError(f"the head was trained on another backbone ({hm.get(C.KEY_BACKBONE)}, "
                          f"fingerprint {hm[C.KEY_FINGERPRINT][:12]}) than this one ({bm[C.KEY_BACKBONE]}, "
                          f"{bm[C.KEY_FINGERPRINT][:12]})")
-    dim_b = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value
-    dim_h = head.graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    if dim_b != dim_h:
-        raise ModelError(f"embedding sizes differ: backbone {dim_b}, head {dim_h}")
+    link = backbone.graph.output[0].name
+    dims_b = [d.dim_value for d in backbone.graph.output[0].type.tensor_type.shape.dim][1:]
+    dims_h = [d.dim_value for d in head.graph.input[0].type.tensor_type.shape.dim][1:]
+    if dims_b != dims_h or head.graph.input[0].name != link:
+        raise ModelError(f"the models do not connect: {link}{dims_b} → {head.graph.input[0].name}{dims_h}")
     b, h = onnx.ModelProto(), onnx.ModelProto()
     b.CopyFrom(backbone)
     h.CopyFrom(head)
     del b.metadata_props[:], h.metadata_props[:]  # merged below, by rule rather than by compose
-    fused = compose.merge_models(b, h, io_map=[(C.EMBEDDING, C.EMBEDDING)], prefix2="head/",
+    fused = compose.merge_models(b, h, io_map=[(link, link)], prefix2="head/",
                                  producer_name="edgetl", producer_version=__version__)
     # merge_models prefixes the head's output name too; restore the contract's name.
     out = fused.graph.output[0]
@@ -99,12 +104,13 @@ def check_fused(fused, backbone, head, batches, atol: float = C.FUSE_ATOL) -> tu
     from .runtime import session
 
     sf, sb, sh = (session(m.SerializeToString(), "cpu") for m in (fused, backbone, head))
+    link = backbone.graph.output[0].name
     worst, n, outs = 0.0, 0, []
     for batch in batches:
         n += len(batch)
         got = sf.run([C.PROBABILITIES], {C.IMAGE: batch})[0]
-        emb = sb.run([C.EMBEDDING], {C.IMAGE: batch})[0]
-        ref = sh.run([C.PROBABILITIES], {C.EMBEDDING: emb})[0]
+        emb = sb.run([link], {C.IMAGE: batch})[0]
+        ref = sh.run([C.PROBABILITIES], {link: emb})[0]
         worst = max(worst, max_abs_diff(got, ref, f"fused model at batch {len(batch)}"))
         outs.append(got)
     if not worst <= atol:

@@ -214,3 +214,41 @@ def load_image(source: str | os.PathLike | bytes, spec: Spec, name: str | None =
 def frame_to_input(bgr: np.ndarray, spec: Spec) -> np.ndarray:
     """A decoded BGR image or camera/video frame (OpenCV order) → uint8 RGB [H, W, 3] model input."""
     return _cv2().cvtColor(resize_crop(bgr, spec), _cv2().COLOR_BGR2RGB)
+
+
+def view_seed(key: bytes, view: str) -> int:
+    """A deterministic seed for augmented view `view` of the image whose cache key is `key`."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(key + view.encode()).digest()[:8], "little")
+
+
+def augment_view(bgr: np.ndarray, spec: Spec, seed: int) -> np.ndarray:
+    """A seeded augmentation → uint8 RGB input: random resized crop (scale 0.25–1, ratio 3/4–4/3),
+    horizontal flip, light brightness/contrast/saturation jitter (±20 %). Same seed, same pixels."""
+    cv2 = _cv2()
+    rng = np.random.default_rng(seed)
+    h, w = bgr.shape[:2]
+    out_h, out_w = spec.input_size
+    for _ in range(10):
+        area = h * w * rng.uniform(0.25, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            break
+    else:
+        top, left, ch, cw = crop_box(h, w, spec)
+    region = bgr[top:top + ch, left:left + cw]
+    interp = cv2.INTER_AREA if out_h / ch < 0.5 else cv2.INTER_LINEAR
+    img = cv2.resize(region, (out_w, out_h), interpolation=interp)
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    img = img.astype(np.float32)
+    img *= rng.uniform(0.8, 1.2)  # brightness
+    mean = img.mean()
+    img = (img - mean) * rng.uniform(0.8, 1.2) + mean  # contrast
+    grey = img.mean(axis=2, keepdims=True)
+    img = (img - grey) * rng.uniform(0.8, 1.2) + grey  # saturation
+    rgb = np.clip(img, 0, 255).astype(np.uint8)[..., ::-1]
+    return np.ascontiguousarray(rgb)

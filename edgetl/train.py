@@ -1,4 +1,10 @@
-"""`edgetl train-head`: cache → head → head.onnx → fused, verified model.onnx, metrics, plots, card."""
+"""`edgetl train-head`: cache → trained head (or top blocks + head) → verified model.onnx, metrics, plots, card.
+
+Regimes (`unfreeze`): "0" trains a head on cached embeddings; "N" cuts the backbone before its last N
+blocks, caches the frozen trunk's activation maps, and trains those blocks (from their pretrained
+weights) plus a head on them; "all" fine-tunes the whole network on augmented raw images; "auto"
+chooses from the amount of data (see `choose_regime`).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,11 @@ from . import contract as C
 from .errors import DataError
 from .files import write_bytes, write_text, writable_dir
 from .head import HeadConfig
+
+# --unfreeze auto: images per class (the smallest class's training count) → regime. Measured on the
+# shared datasets (see README, "Choosing a regime"); the classic rule of thumb made concrete.
+AUTO_HEAD_BELOW = 200  # fewer per class: a head on frozen features (more layers would overfit)
+AUTO_ALL_FROM = 1000  # this many or more per class: fine-tune everything; between: the last 2 blocks
 
 
 @dataclasses.dataclass
@@ -56,24 +67,45 @@ def check_classes(ds, usable: list[int]) -> None:
         raise DataError(f"class {empty[0]!r} has no readable images" + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""))
 
 
+def choose_regime(per_class: int) -> tuple[str, str]:
+    """(unfreeze, reason) for --unfreeze auto, from the smallest class's number of training images."""
+    if per_class < AUTO_HEAD_BELOW:
+        return "0", f"{per_class} training images in the smallest class (< {AUTO_HEAD_BELOW}): head only"
+    if per_class < AUTO_ALL_FROM:
+        return "2", f"{per_class} per class ({AUTO_HEAD_BELOW}–{AUTO_ALL_FROM - 1}): fine-tune the last 2 blocks"
+    return "all", f"{per_class} per class (>= {AUTO_ALL_FROM}): fine-tune the whole network"
+
+
+@dataclasses.dataclass
+class Trained:
+    first: object  # onnx.ModelProto: backbone or trunk
+    second: object  # onnx.ModelProto: head or top
+    second_diff: float  # its export parity
+    best_epoch: int
+    epochs_run: int
+    history: dict
+    class_weights: list[float] | None
+    seconds: float
+    device: str
+    regime: str
+
+
 def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device: str = "auto",
-               val_fraction: float = 0.2, batch_size: int = 32, log=lambda s: None) -> dict:
+               val_fraction: float = 0.2, batch_size: int = 32, unfreeze: str = "0", augment: int = 0,
+               train_bn: bool = False, weights: str | None = None, log=lambda s: None) -> dict:
     """Run the whole second step; returns the training summary (also written as metrics.json)."""
-    import onnx
-    import onnxruntime
-    import torch
-
-    from . import fuse, report
-    from .embed import embed_folder
-    from .export import sha256_bytes
-    from .pipeline import image_batches
-    from .preprocess import Spec
-
+    from . import fuse
     from .data import scan
 
     scanned = scan(data)  # refuse unusable data before any work
     check_classes(scanned, list(range(len(scanned.items))))
+    backbone = fuse.load(backbone_path, C.FORMAT_BACKBONE)
+    bmeta = {p.key: p.value for p in backbone.metadata_props}
     out = writable_dir(out_dir)
+    torch_device = None if device == "auto" else ("cuda" if device == "cuda" else "cpu")
+
+    from .embed import embed_folder
+
     r = embed_folder(data, backbone_path, cache_root, device=device, batch_size=batch_size)
     log(f"embedded: {r.summary()}")
     for line in r.skipped_lines():
@@ -82,31 +114,225 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     usable = [i for i, k in enumerate(r.keys) if k is not None]
     check_classes(ds, usable)
     split = make_split(ds, usable, val_fraction, cfg.seed)
-    train_classes = {ds.items[i].label for i in split.train}
-    if train_classes != set(ds.classes):
-        missing = sorted(set(ds.classes) - train_classes)
+    train_counts = _counts(ds, split.train)
+    missing = [c for c, n in train_counts.items() if n == 0]
+    if missing:
         raise DataError(f"class {missing[0]!r} has no training images")
+    reason = ""
+    if unfreeze == "auto":
+        unfreeze, reason = choose_regime(min(train_counts.values()))
+        log(f"--unfreeze auto: {unfreeze} ({reason})")
     cls_index = {c: i for i, c in enumerate(ds.classes)}
-    _, x_train = r.namespace.load([r.keys[i] for i in split.train])
-    _, x_val = r.namespace.load([r.keys[i] for i in split.val])
     y_train = np.array([cls_index[ds.items[i].label] for i in split.train])
     y_val = np.array([cls_index[ds.items[i].label] for i in split.val])
+    common = dict(ds=ds, split=split, y_train=y_train, y_val=y_val, cfg=cfg, augment=augment,
+                  cache_root=cache_root, device=device, torch_device=torch_device, batch_size=batch_size, log=log)
+    if unfreeze == "0":
+        t = _train_frozen(r, backbone, bmeta, backbone_path, **common)
+    elif unfreeze == "all":
+        t = _train_all(bmeta, weights, train_bn, **common)
+    else:
+        t = _train_top(int(unfreeze), bmeta, weights, train_bn, **common)
+    log(f"trained ({t.regime}): best epoch {t.best_epoch} of {t.epochs_run}, {t.seconds:.1f} s on {t.device}")
+    return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, out, r, batch_size, reason)
 
+
+def _aug_rows(ds, split, y_train, augment, backbone_path, cache_root, device, batch_size, log):
+    """Cache K augmented views of the training images; return (keys per view, labels) for training."""
+    from .embed import embed_folder
+
+    views = []
+    for v in range(augment):
+        rv = embed_folder(ds.root, backbone_path, cache_root, device=device, batch_size=batch_size,
+                          view=f"aug{v}", only=split.train)
+        log(f"augmented view {v + 1}/{augment}: {rv.new} new, {rv.reused} reused")
+        views.append(rv)
+    return views
+
+
+def _train_frozen(r, backbone, bmeta, backbone_path, ds, split, y_train, y_val, cfg, augment, cache_root, device,
+                  torch_device, batch_size, log) -> Trained:
+    from . import fuse
     from .head import train
 
-    tr = train(x_train, y_train, x_val, y_val, len(ds.classes), cfg,
-               device=None if device == "auto" else ("cuda" if device == "cuda" else "cpu"))
-    log(f"trained {cfg.kind} head: best epoch {tr.best_epoch} of {tr.epochs_run}, {tr.seconds:.1f} s on {tr.device}")
-
-    backbone = fuse.load(backbone_path, C.FORMAT_BACKBONE)
-    bmeta = {p.key: p.value for p in backbone.metadata_props}
-    head_model, head_diff = fuse.export_head(tr.head, x_train.shape[1], ds.classes, {
+    _, x_train = r.namespace.load([r.keys[i] for i in split.train])
+    _, x_val = r.namespace.load([r.keys[i] for i in split.val])
+    xs, ys = [x_train], [y_train]
+    for rv in _aug_rows(ds, split, y_train, augment, backbone_path, cache_root, device, batch_size, log):
+        xs.append(rv.namespace.load([rv.keys[i] for i in split.train])[1])
+        ys.append(y_train)
+    tr = train(np.concatenate(xs), np.concatenate(ys), x_val, y_val, len(ds.classes), cfg, device=torch_device)
+    head_model, diff = fuse.export_head(tr.head, x_train.shape[1], ds.classes, {
         C.KEY_BACKBONE: bmeta[C.KEY_BACKBONE], C.KEY_FINGERPRINT: bmeta[C.KEY_FINGERPRINT],
         C.KEY_HEAD: json.dumps(cfg.describe())})
-    fused = fuse.fuse(backbone, head_model)
+    return Trained(backbone, head_model, diff, tr.best_epoch, tr.epochs_run, tr.history, tr.class_weights,
+                   tr.seconds, tr.device, f"{cfg.kind} head, frozen backbone" + (f", {augment} augmented views" if augment else ""))
 
-    # Verify fused == chained on every validation image; the reported metrics are the fused model's.
-    spec = Spec.from_json(bmeta[C.KEY_PREPROCESS])
+
+def _torch_backbone(bmeta, weights):
+    from . import backbones
+    from .finetune import check_weights
+
+    bb = backbones.get(bmeta[C.KEY_BACKBONE], weights)
+    check_weights(bb, bmeta)
+    return bb
+
+
+def _train_top(n_unfreeze, bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment, cache_root, device,
+               torch_device, batch_size, log) -> Trained:
+    import torch
+
+    from . import head as head_mod
+    from .embed import embed_folder
+    from .files import write_bytes as wb
+    from .finetune import TopAndHead, cut_index, export_top, export_trunk, fit, tensor_batches, verified_stages
+
+    bb = _torch_backbone(bmeta, weights)
+    st = verified_stages(bb)
+    k = cut_index(st, n_unfreeze, bb.name)
+    trunk, shape = export_trunk(bb, st, k)
+    tmeta = {p.key: p.value for p in trunk.metadata_props}
+    trunk_path = Path(cache_root) / "trunks" / f"{tmeta[C.KEY_FINGERPRINT]}.onnx"
+    if not trunk_path.exists():
+        wb(trunk_path, trunk.SerializeToString())
+    per_image = int(np.prod(shape)) * 2
+    log(f"cut {bb.name} before block {k} of {len(st.blocks)}: activation {shape}, "
+        f"{per_image / 1e3:.0f} kB per image in the cache, {per_image * len(ds.items) * (1 + augment) / 1e6:.0f} MB in all")
+    views = [embed_folder(ds.root, trunk_path, cache_root, device=device, batch_size=batch_size,
+                          max_bytes=per_image * len(ds.items))]
+    log(f"trunk activations: {views[0].summary()}")
+    for v in range(augment):
+        views.append(embed_folder(ds.root, trunk_path, cache_root, device=device, batch_size=batch_size,
+                                  view=f"aug{v}", only=split.train, max_bytes=per_image * len(split.train)))
+    xs = [rv.namespace.load([rv.keys[i] for i in split.train])[1] for rv in views]
+    x_train = np.concatenate(xs).reshape(-1, *shape).astype(np.float16)
+    y_all = np.concatenate([y_train] * len(xs))
+    x_val = views[0].namespace.load([views[0].keys[i] for i in split.val])[1].reshape(-1, *shape)
+    hcfg = dataclasses.replace(cfg)
+    torch.manual_seed(cfg.seed)
+    h = head_mod.build(hcfg, bb.dim, len(ds.classes))
+    top = TopAndHead.build(st, k, h)
+    for p in top.parameters():
+        p.requires_grad_(True)
+    dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    top.to(dev)
+    params = [{"params": list(top.blocks.parameters()) + list(top.tail.parameters()), "lr": cfg.lr * 0.1},
+              {"params": list(top.head.parameters()), "lr": cfg.lr}]
+    box = [0]
+    res = fit(top, tensor_batches(x_train, y_all, 32, True, cfg.seed, box),
+              tensor_batches(x_val, y_val, 64, False, 0, [0]), y_val, len(ds.classes), y_all, params, cfg,
+              epochs=min(cfg.max_epochs, 30), patience=min(cfg.patience, 5), train_bn=train_bn, device=dev, log=log)
+    extra = {C.KEY_BACKBONE: bb.name, C.KEY_FINGERPRINT: tmeta[C.KEY_FINGERPRINT], C.KEY_CUT: tmeta[C.KEY_CUT],
+             C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": n_unfreeze, "train_bn": train_bn})}
+    top_model, diff = export_top(res.model, shape, ds.classes, extra)
+    return Trained(trunk, top_model, diff, res.best_epoch, res.epochs_run, res.history, res.class_weights,
+                   res.seconds, res.device, f"last {n_unfreeze} blocks + {cfg.kind} head on cached activations"
+                   + (f", {augment} augmented views" if augment else ""))
+
+
+def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment, cache_root, device,
+               torch_device, batch_size, log) -> Trained:
+    import torch
+
+    from . import fuse
+    from . import head as head_mod
+    from .export import image_module, to_onnx
+    from .finetune import fit
+    from .pipeline import prefetch_map
+    from .preprocess import augment_view, decode_bgr, load_image
+
+    bb = _torch_backbone(bmeta, weights)
+    spec = bb.spec
+    for p in bb.model.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(cfg.seed)
+    h = head_mod.build(cfg, bb.dim, len(ds.classes))
+    features = image_module(bb)
+
+    class Full(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = features
+            self.head = h
+
+        def forward(self, image):
+            return self.head(self.features(image))
+
+    model = Full()
+    dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(dev)
+    train_paths = [ds.items[i].path for i in split.train]
+    val_x = np.stack([load_image(ds.items[i].path, spec) for i in split.val])
+    rng = np.random.default_rng(cfg.seed)
+    import time
+
+    started = time.perf_counter()
+    epochs = min(cfg.max_epochs, 15)
+
+    def train_batches():
+        order = rng.permutation(len(train_paths))
+        seeds = rng.integers(0, 2**63 - 1, len(order))
+
+        def load(j):
+            data = train_paths[j].read_bytes()
+            if augment:
+                return augment_view(decode_bgr(data, spec.resize_size, str(train_paths[j])), spec, int(seeds[j]))
+            return load_image(data, spec, str(train_paths[j]))
+
+        xs, ys = [], []
+        for j, arr in prefetch_map(load, order.tolist(), window=64):
+            xs.append(arr)
+            ys.append(y_train[j])
+            if len(xs) == 32:
+                yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+                xs, ys = [], []
+        if xs:
+            yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+    def val_batches():
+        for i in range(0, len(val_x), 64):
+            yield torch.from_numpy(val_x[i:i + 64]), torch.from_numpy(y_val[i:i + 64].astype(np.int64))
+
+    def progress(line):
+        ep = int(line.split()[1].split("/")[0])
+        eta = (time.perf_counter() - started) / ep * (epochs - ep)
+        log(f"{line}, ETA {eta:.0f} s (at most)")
+
+    params = [{"params": list(model.features.parameters()), "lr": cfg.lr * 0.1},
+              {"params": list(model.head.parameters()), "lr": cfg.lr}]
+    res = fit(model, train_batches, val_batches, y_val, len(ds.classes), y_train, params, cfg, epochs=epochs,
+              patience=min(cfg.patience, 4), train_bn=train_bn, device=dev, log=progress)
+    # Export the fine-tuned network as a new backbone (its own fingerprint) and the head, then fuse.
+    from .backbones import state_sha256
+
+    tuned = dataclasses.replace(bb, model=model.features.features)
+    tuned.model.eval()
+    tuned.weights_sha256 = state_sha256(tuned.model)
+    h_, w_ = spec.input_size
+    meta = {C.KEY_FORMAT: C.FORMAT_BACKBONE, C.KEY_VERSION: __version__, C.KEY_BACKBONE: f"{bb.name} (fine-tuned)",
+            C.KEY_WEIGHTS_SHA256: tuned.weights_sha256, C.KEY_FINGERPRINT: tuned.fingerprint,
+            C.KEY_EMBEDDING_DIM: str(bb.dim), C.KEY_PREPROCESS: spec.to_json()}
+    first = to_onnx(image_module(tuned), (torch.zeros(2, h_, w_, 3, dtype=torch.uint8),), [C.IMAGE], [C.EMBEDDING], meta)
+    head_model, diff = fuse.export_head(model.head, bb.dim, ds.classes, {
+        C.KEY_BACKBONE: meta[C.KEY_BACKBONE], C.KEY_FINGERPRINT: tuned.fingerprint,
+        C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": "all", "augment": bool(augment), "train_bn": train_bn})})
+    return Trained(first, head_model, diff, res.best_epoch, res.epochs_run, res.history, res.class_weights,
+                   res.seconds, res.device, "whole network fine-tuned" + (" with augmentation" if augment else ""))
+
+
+def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_size: int, reason: str) -> dict:
+    """Verify fused vs chained on every validation image, compute the fused model's metrics, write all."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    from . import fuse, report
+    from .export import set_metadata, sha256_bytes
+    from .pipeline import image_batches
+    from .preprocess import Spec
+
+    fmeta = {p.key: p.value for p in fused.metadata_props}
+    spec = Spec.from_json(fmeta[C.KEY_PREPROCESS])
     val_paths = [ds.items[i].path for i in split.val]
     bad: list = []
 
@@ -116,48 +342,53 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
             if batch is not None:
                 yield batch
 
-    worst, n_checked, probs = fuse.check_fused(fused, backbone, head_model, val_batches())
+    worst, n_checked, probs = fuse.check_fused(fused, t.first, t.second, val_batches())
     if bad:
         raise DataError(f"validation image became unreadable: {bad[0][1]}")
     if not probs:  # no validation images (tiny classes): check on training images instead
         _, batch, _ = next(image_batches([ds.items[i].path for i in split.train[:8]], spec, 8))
-        worst, n_checked, _ = fuse.check_fused(fused, backbone, head_model, [batch])
+        worst, n_checked, _ = fuse.check_fused(fused, t.first, t.second, [batch])
     pred = np.concatenate(probs).argmax(1) if probs else np.zeros(0, int)
     m = report.metrics(y_val, pred, ds.classes)
 
-    fused_bytes, head_bytes = fused.SerializeToString(), head_model.SerializeToString()
-    name = out.resolve().name
+    second_bytes = t.second.SerializeToString()
     summary = {
-        "name": name, "data": str(data), "split_note": split.note, "backbone": bmeta[C.KEY_BACKBONE],
-        "dim": int(x_train.shape[1]), "input_size": list(spec.input_size), "classes": ds.classes,
+        "name": out.resolve().name, "data": str(data), "split_note": split.note,
+        "backbone": fmeta[C.KEY_BACKBONE], "regime": t.regime, "auto_reason": reason or None,
+        "dim": int(fmeta.get(C.KEY_EMBEDDING_DIM, 0)), "input_size": list(spec.input_size), "classes": ds.classes,
         "counts": {"train": _counts(ds, split.train), "val": _counts(ds, split.val)},
-        "skipped": [str(p) for p, _ in r.skipped], "head": cfg.describe(), "best_epoch": tr.best_epoch,
-        "epochs_run": tr.epochs_run, "train_seconds": tr.seconds, "device": tr.device,
-        "class_weights": ({c: round(w, 4) for c, w in zip(ds.classes, tr.class_weights)}
-                          if tr.class_weights else "off"),
+        "skipped": [str(p) for p, _ in r.skipped], "head": cfg.describe(), "best_epoch": t.best_epoch,
+        "epochs_run": t.epochs_run, "train_seconds": t.seconds, "device": t.device,
+        "class_weights": ({c: round(w, 4) for c, w in zip(ds.classes, t.class_weights)}
+                          if t.class_weights else "off"),
         "metrics": m, "parity_images": n_checked, "fuse_max_abs_diff": worst, "fuse_atol": C.FUSE_ATOL,
-        "head_max_abs_diff": head_diff, "model_sha256": None, "head_sha256": sha256_bytes(head_bytes),
-        "backbone_sha256": sha256_bytes(backbone.SerializeToString()),
-        "weights_sha256": bmeta.get(C.KEY_WEIGHTS_SHA256), "edgetl": __version__, "torch": torch.__version__,
-        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "history": tr.history,
+        "head_max_abs_diff": t.second_diff, "model_sha256": None, "head_sha256": sha256_bytes(second_bytes),
+        "backbone_sha256": sha256_bytes(t.first.SerializeToString()),
+        "weights_sha256": fmeta.get(C.KEY_WEIGHTS_SHA256), "edgetl": __version__, "torch": torch.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "history": t.history,
     }
-    from .export import set_metadata
-
-    training = {k: summary[k] for k in ("data", "split_note", "counts", "best_epoch", "epochs_run", "class_weights")}
+    training = {k: summary[k] for k in ("data", "split_note", "counts", "regime", "best_epoch", "epochs_run",
+                                        "class_weights")}
     training["val_accuracy"] = m["accuracy"]
     set_metadata(fused, {C.KEY_TRAINING: json.dumps(training, ensure_ascii=False)})
     fused_bytes = fused.SerializeToString()
     summary["model_sha256"] = sha256_bytes(fused_bytes)
 
-    write_bytes(out / "head.onnx", head_bytes)
+    if fmeta.get(C.KEY_CUT) is not None:  # unfreeze N: the frozen trunk and the trained top
+        write_bytes(out / "trunk.onnx", t.first.SerializeToString())
+        write_bytes(out / "top.onnx", second_bytes)
+    else:
+        write_bytes(out / "head.onnx", second_bytes)
+        if t.regime.startswith("whole network"):  # the fine-tuned network is a new backbone
+            write_bytes(out / "backbone.onnx", t.first.SerializeToString())
     write_bytes(out / "model.onnx", fused_bytes)
     if split.saved:
         write_text(out / "split.json", report.dumps(
             {"note": split.note, "train": [_rel(ds, i) for i in split.train], "val": [_rel(ds, i) for i in split.val]}))
-    write_text(out / "metrics.json", report.dumps({k: v for k, v in summary.items()}))
+    write_text(out / "metrics.json", report.dumps(summary))
     if len(split.val):
         report.plot_confusion(m, out / "confusion.png")
-    report.plot_curves(tr.history, tr.best_epoch, out / "curves.png")
+    report.plot_curves(t.history, t.best_epoch, out / "curves.png")
     write_text(out / "MODEL_CARD.md", report.model_card(summary))
     summary["out"] = out
     return summary

@@ -84,7 +84,8 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path):
     for delay in (2.0, 4.0, 6.0, 8.0):
         out = tmp_path / f"d{delay}" / "backbone.onnx"
         proc = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "export-backbone", "-o", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -106,3 +107,6 @@ def test_opset_and_ir_version_are_the_contract(tiny_onnx):
     assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [C.OPSET]
 
 
+def _default_sigint():
+    """The test runner may start with SIGINT ignored (a background job); Ctrl-C must reach the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

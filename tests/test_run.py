@@ -170,7 +170,7 @@ def test_ctrl_c_keeps_the_saved_video_playable(model_path, tmp_path):
     out = tmp_path / "partial.avi"
     proc = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "run", "--model", str(model_path), "--source",
                              str(frames), "--headless", "--save", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.time() + 60
     while not out.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -184,3 +184,8 @@ def test_ctrl_c_keeps_the_saved_video_playable(model_path, tmp_path):
     while cap.read()[0]:
         got += 1
     assert 0 < got == printed < 400
+
+
+def _default_sigint():
+    """The test runner may start with SIGINT ignored (a background job); Ctrl-C must reach the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -1,0 +1,290 @@
+"""Fewer frozen layers: cut a backbone into stem → blocks → tail, export the frozen trunk, train the
+last N blocks (from their pretrained weights) plus a head on cached activation maps; or fine-tune
+everything on raw images with augmentation (`--unfreeze all`).
+
+Cut points exist for the common block structures: timm EfficientNet/MobileNet (`blocks`), ResNet
+(`layer1..4`), timm `stages` models (ConvNeXt, …), and torchvision `features` models
+(MobileNet, EfficientNet). Every cut is verified: stem → blocks → tail must equal the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+
+from . import contract as C
+from .errors import DataError, EdgetlError
+
+
+class CutError(EdgetlError):
+    pass
+
+
+@dataclasses.dataclass
+class Stages:
+    stem: object  # nn.Module: normalised NCHW → first block's input
+    blocks: list  # [nn.Module]
+    tail: object  # nn.Module: last block's output → pooled embedding [N, D]
+
+
+def stages(model) -> Stages:
+    """Split a feature extractor (classifier removed) into stem, blocks and tail; CutError if unknown."""
+    import torch.nn as nn
+
+    def seq(*mods):
+        return nn.Sequential(*[m for m in mods if m is not None])
+
+    flat = nn.Flatten(1)
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks") and hasattr(model, "conv_head"):  # timm EfficientNet
+        return Stages(seq(model.conv_stem, model.bn1), list(model.blocks),
+                      seq(model.conv_head, model.bn2, model.global_pool, flat))
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):  # ResNet (timm or torchvision)
+        act = getattr(model, "act1", None) or getattr(model, "relu", None)
+        pool = getattr(model, "global_pool", None) or getattr(model, "avgpool", None)
+        return Stages(seq(model.conv1, model.bn1, act, model.maxpool),
+                      [model.layer1, model.layer2, model.layer3, model.layer4], seq(pool, flat))
+    if hasattr(model, "stem") and hasattr(model, "stages") and hasattr(model, "forward_head"):  # timm stages
+        class Tail(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.norm_pre = getattr(m, "norm_pre", nn.Identity())
+                self.m = m
+
+            def forward(self, x):
+                return self.m.forward_head(self.norm_pre(x), pre_logits=True)
+
+        return Stages(model.stem, list(model.stages), Tail(model))
+    if hasattr(model, "features") and isinstance(model.features, nn.Sequential) and hasattr(model, "avgpool"):
+        feats = list(model.features)  # torchvision MobileNet/EfficientNet: first conv, blocks…, last conv
+        return Stages(feats[0], feats[1:-1], seq(feats[-1], model.avgpool, flat, getattr(model, "classifier", None)))
+    raise CutError(f"no known cut points for {type(model).__name__}: --unfreeze works with EfficientNet, "
+                   "MobileNet, ResNet and timm stage models; use --unfreeze 0 (head only) or all")
+
+
+def verified_stages(backbone) -> Stages:
+    """`stages`, checked: stem → blocks → tail equals the backbone on a random input."""
+    import torch
+
+    st = stages(backbone.model)
+    h, w = backbone.spec.input_size
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = backbone.model.eval()(x)
+        y = st.stem(x)
+        for b in st.blocks:
+            y = b(y)
+        got = st.tail(y)
+    if got.shape != ref.shape or float((got - ref).abs().max()) > 1e-4:
+        raise CutError(f"cutting {backbone.name} into blocks does not reproduce it; use --unfreeze 0 or all")
+    return st
+
+
+def cut_index(st: Stages, unfreeze: int, name: str) -> int:
+    n = len(st.blocks)
+    if not 1 <= unfreeze <= n:
+        raise CutError(f"--unfreeze {unfreeze}: {name} has {n} blocks; use 0..{n} or all")
+    return n - unfreeze
+
+
+def trunk_module(backbone, st: Stages, k: int):
+    """uint8 NHWC image → normalise → stem → blocks[:k] → activation map (frozen)."""
+    import torch
+
+    from .export import image_module
+
+    class Trunk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(st.stem, *st.blocks[:k])
+
+    t = Trunk()
+    return image_module(dataclasses.replace(backbone, model=t.features)).eval()
+
+
+class TopAndHead:
+    @staticmethod
+    def build(st: Stages, k: int, head):
+        """activation → blocks[k:] → tail → head logits: the trainable part."""
+        import torch
+
+        class Top(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = torch.nn.Sequential(*st.blocks[k:])
+                self.tail = st.tail
+                self.head = head
+
+            def forward(self, activation):
+                return self.head(self.tail(self.blocks(activation)))
+
+        return Top()
+
+
+def trunk_fingerprint(backbone_fp: str, k: int, n_blocks: int) -> str:
+    return hashlib.sha256(f"{backbone_fp}|cut{k}/{n_blocks}".encode()).hexdigest()[:32]
+
+
+def export_trunk(backbone, st: Stages, k: int, atol: float = C.EXPORT_ATOL):
+    """The frozen trunk as a checked onnx.ModelProto: image → activation [N, C, h, w]."""
+    import torch
+
+    from . import __version__
+    from .export import check_batches, default_check_images, max_abs_diff, to_onnx
+    from .errors import ParityError
+    from .preprocess import load_image
+    from .runtime import session
+
+    module = trunk_module(backbone, st, k)
+    h, w = backbone.spec.input_size
+    with torch.no_grad():
+        shape = list(module(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1:])
+    cut = json.dumps({"unfreeze": len(st.blocks) - k, "block": k, "blocks": len(st.blocks), "shape": shape})
+    meta = {C.KEY_FORMAT: C.FORMAT_TRUNK, C.KEY_VERSION: __version__, C.KEY_BACKBONE: backbone.name,
+            C.KEY_WEIGHTS_SHA256: backbone.weights_sha256,
+            C.KEY_FINGERPRINT: trunk_fingerprint(backbone.fingerprint, k, len(st.blocks)),
+            C.KEY_EMBEDDING_DIM: str(int(np.prod(shape))), C.KEY_PREPROCESS: backbone.spec.to_json(), C.KEY_CUT: cut}
+    model = to_onnx(module, (torch.zeros(2, h, w, 3, dtype=torch.uint8),), [C.IMAGE], [C.ACTIVATION], meta)
+    sess = session(model.SerializeToString(), "cpu")
+    worst = 0.0
+    for batch in check_batches([load_image(p, backbone.spec) for p in default_check_images()]):
+        with torch.no_grad():
+            ref = module(torch.from_numpy(batch)).numpy()
+        worst = max(worst, max_abs_diff(sess.run(None, {C.IMAGE: batch})[0], ref, "trunk"))
+    if not worst <= atol:
+        raise ParityError(f"trunk export differs from PyTorch by {worst:.2e}; nothing written")
+    return model, shape
+
+
+def export_top(top, shape: list[int], classes: list[str], extra_meta: dict[str, str], atol: float = C.HEAD_ATOL):
+    """Trained blocks + head as a checked onnx.ModelProto: activation → probabilities."""
+    import torch
+
+    from . import __version__
+    from .errors import ParityError
+    from .export import max_abs_diff, to_onnx
+    from .runtime import session
+
+    class WithSoftmax(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.top = top
+
+        def forward(self, activation):
+            return torch.softmax(self.top(activation), dim=1)
+
+    module = WithSoftmax().eval()
+    meta = {C.KEY_FORMAT: C.FORMAT_TOP, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes), **extra_meta}
+    model = to_onnx(module, (torch.zeros(2, *shape),), [C.ACTIVATION], [C.PROBABILITIES], meta)
+    sess = session(model.SerializeToString(), "cpu")
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for n in (1, 3):
+        x = rng.uniform(0, 2, (n, *shape)).astype(np.float32)
+        with torch.no_grad():
+            ref = module(torch.from_numpy(x)).numpy()
+        worst = max(worst, max_abs_diff(sess.run(None, {C.ACTIVATION: x})[0], ref, "top"))
+    if not worst <= atol:
+        raise ParityError(f"top export differs from PyTorch by {worst:.2e}; nothing written")
+    return model, worst
+
+
+def freeze_bn(module, train_bn: bool):
+    """BatchNorm layers keep their pretrained statistics unless train_bn (call after .train())."""
+    import torch
+
+    if not train_bn:
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+@dataclasses.dataclass
+class FitResult:
+    model: object
+    best_epoch: int
+    epochs_run: int
+    history: dict
+    class_weights: list[float] | None
+    seconds: float
+    device: str
+
+
+def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray, params, cfg, epochs: int,
+        patience: int, train_bn: bool, device: str, log=lambda s: None) -> FitResult:
+    """Generic loop: `train_batches()` yields (x, y) tensors per step; early stopping on validation loss.
+
+    `params` are optimiser parameter groups (different learning rates for pretrained and new parts).
+    """
+    import copy
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    t0 = time.perf_counter()
+    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
+    weights = (np.where(counts > 0, len(y_train) / (n_classes * np.maximum(counts, 1)), 0.0).tolist()
+               if cfg.class_weights else None)
+    wt = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
+    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    hist = {"train_loss": [], "val_loss": [], "val_acc": []}
+    best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        freeze_bn(model, train_bn)
+        total, n = 0.0, 0
+        for x, y in train_batches():
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), weight=wt, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+        sched.step()
+        model.eval()
+        vl, correct = 0.0, 0
+        with torch.no_grad():
+            for x, y in val_x():
+                logits = model(x.to(device))
+                vl += float(F.cross_entropy(logits, y.to(device), weight=wt, reduction="sum"))
+                correct += int((logits.argmax(1).cpu() == y).sum())
+        nv = max(1, len(val_y))
+        hist["train_loss"].append(total / max(n, 1))
+        hist["val_loss"].append(vl / nv)
+        hist["val_acc"].append(correct / nv)
+        log(f"epoch {epoch}/{epochs}: train loss {total / max(n, 1):.4f}, val loss {vl / nv:.4f}, "
+            f"val acc {correct / nv:.4f}, {time.perf_counter() - t0:.0f} s")
+        if vl / nv < best[0] - 1e-6:
+            best = (vl / nv, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval().cpu()
+    return FitResult(model, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
+
+
+def tensor_batches(x: np.ndarray, y: np.ndarray, bs: int, shuffle: bool, seed: int, epoch_box: list):
+    """A re-iterable over (x, y) float tensors from arrays (float16 activations become float32)."""
+    import torch
+
+    def gen():
+        idx = np.arange(len(x))
+        if shuffle:
+            np.random.default_rng(seed + epoch_box[0]).shuffle(idx)
+            epoch_box[0] += 1
+        for i in range(0, len(idx), bs):
+            j = idx[i:i + bs]
+            yield torch.from_numpy(x[j].astype(np.float32)), torch.from_numpy(y[j].astype(np.int64))
+
+    return gen
+
+
+def check_weights(backbone, meta: dict) -> None:
+    if backbone.weights_sha256 != meta.get(C.KEY_WEIGHTS_SHA256):
+        raise DataError(f"the backbone file was exported from other weights than {backbone.name}'s "
+                        f"({backbone.source}); pass the same --weights FILE as for export-backbone")
