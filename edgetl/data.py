@@ -36,17 +36,21 @@ class Dataset:
         return out
 
 
-def looks_like_image(path: Path) -> bool:
-    """By content first (any extension), then by extension (any case) for files to report as unreadable."""
+def image_by_content(path: Path) -> bool:
+    """Do the first bytes carry an image signature (JPEG, PNG, GIF, BMP, TIFF, WebP, JPEG 2000, PNM)?"""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError:
-        return path.suffix.lower() in IMAGE_SUFFIXES
-    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or \
-            (len(head) > 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace()):
-        return True
-    return path.suffix.lower() in IMAGE_SUFFIXES  # named like an image: kept, and skipped as corrupt later
+        return False
+    return (head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or (len(head) > 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace()))
+
+
+def looks_like_image(path: Path) -> bool:
+    """By content first (any extension), then by extension (any case): a file named like an image is
+    kept, to be reported as unreadable later."""
+    return image_by_content(path) or path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def _visible(entries):

@@ -78,6 +78,24 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray, what: str) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
+def check_parity(module, sess, batches, input_name: str, what: str, atol: float) -> float:
+    """Run `module` (PyTorch) and `sess` (onnxruntime) on each batch; the max abs difference.
+
+    Raises ParityError (nothing gets written) when it exceeds `atol` or the shapes differ.
+    """
+    import torch
+
+    worst = 0.0
+    for batch in batches:
+        with torch.no_grad():
+            ref = module(torch.from_numpy(batch)).numpy()
+        got = sess.run(None, {input_name: batch})[0]
+        worst = max(worst, max_abs_diff(got, ref, f"{what} at batch {len(batch)}"))
+    if not worst <= atol:
+        raise ParityError(f"{what} export differs from PyTorch by {worst:.2e} (tolerance {atol:.0e}); nothing written")
+    return worst
+
+
 def default_check_images() -> list[str]:
     """Real photos available offline for the parity check: the ones matplotlib ships."""
     import matplotlib
@@ -133,14 +151,6 @@ def export_backbone(backbone, out: str | os.PathLike, check_images: list[str] | 
     model = to_onnx(module, (example,), [C.IMAGE], [C.EMBEDDING], meta)
     data = model.SerializeToString()
     images = [load_image(p, backbone.spec) for p in (check_images or default_check_images())]
-    sess = session(data, "cpu")
-    worst = 0.0
-    for batch in check_batches(images):
-        with torch.no_grad():
-            ref = module(torch.from_numpy(batch)).numpy()
-        got = sess.run([C.EMBEDDING], {C.IMAGE: batch})[0]
-        worst = max(worst, max_abs_diff(got, ref, f"backbone at batch {len(batch)}"))
-    if not worst <= atol:
-        raise ParityError(f"backbone export differs from PyTorch by {worst:.2e} (tolerance {atol:.0e}); nothing written")
+    worst = check_parity(module, session(data, "cpu"), check_batches(images), C.IMAGE, "backbone", atol)
     write_bytes(out, data)
     return BackboneExport(out, backbone.name, backbone.dim, backbone.spec, worst, sha256_bytes(data), len(data))

@@ -132,8 +132,7 @@ def export_trunk(backbone, st: Stages, k: int, atol: float = C.EXPORT_ATOL):
     import torch
 
     from . import __version__
-    from .export import check_batches, default_check_images, max_abs_diff, to_onnx
-    from .errors import ParityError
+    from .export import check_batches, check_parity, default_check_images, to_onnx
     from .preprocess import load_image
     from .runtime import session
 
@@ -147,14 +146,8 @@ def export_trunk(backbone, st: Stages, k: int, atol: float = C.EXPORT_ATOL):
             C.KEY_FINGERPRINT: trunk_fingerprint(backbone.fingerprint, k, len(st.blocks)),
             C.KEY_EMBEDDING_DIM: str(int(np.prod(shape))), C.KEY_PREPROCESS: backbone.spec.to_json(), C.KEY_CUT: cut}
     model = to_onnx(module, (torch.zeros(2, h, w, 3, dtype=torch.uint8),), [C.IMAGE], [C.ACTIVATION], meta)
-    sess = session(model.SerializeToString(), "cpu")
-    worst = 0.0
-    for batch in check_batches([load_image(p, backbone.spec) for p in default_check_images()]):
-        with torch.no_grad():
-            ref = module(torch.from_numpy(batch)).numpy()
-        worst = max(worst, max_abs_diff(sess.run(None, {C.IMAGE: batch})[0], ref, "trunk"))
-    if not worst <= atol:
-        raise ParityError(f"trunk export differs from PyTorch by {worst:.2e}; nothing written")
+    batches = check_batches([load_image(p, backbone.spec) for p in default_check_images()])
+    check_parity(module, session(model.SerializeToString(), "cpu"), batches, C.IMAGE, "trunk", atol)
     return model, shape
 
 
@@ -163,8 +156,7 @@ def export_top(top, shape: list[int], classes: list[str], extra_meta: dict[str, 
     import torch
 
     from . import __version__
-    from .errors import ParityError
-    from .export import max_abs_diff, to_onnx
+    from .export import check_parity, to_onnx
     from .runtime import session
 
     class WithSoftmax(torch.nn.Module):
@@ -178,17 +170,9 @@ def export_top(top, shape: list[int], classes: list[str], extra_meta: dict[str, 
     module = WithSoftmax().eval()
     meta = {C.KEY_FORMAT: C.FORMAT_TOP, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes), **extra_meta}
     model = to_onnx(module, (torch.zeros(2, *shape),), [C.ACTIVATION], [C.PROBABILITIES], meta)
-    sess = session(model.SerializeToString(), "cpu")
     rng = np.random.default_rng(0)
-    worst = 0.0
-    for n in (1, 3):
-        x = rng.uniform(0, 2, (n, *shape)).astype(np.float32)
-        with torch.no_grad():
-            ref = module(torch.from_numpy(x)).numpy()
-        worst = max(worst, max_abs_diff(sess.run(None, {C.ACTIVATION: x})[0], ref, "top"))
-    if not worst <= atol:
-        raise ParityError(f"top export differs from PyTorch by {worst:.2e}; nothing written")
-    return model, worst
+    batches = [rng.uniform(0, 2, (n, *shape)).astype(np.float32) for n in (1, 3)]
+    return model, check_parity(module, session(model.SerializeToString(), "cpu"), batches, C.ACTIVATION, "top", atol)
 
 
 def freeze_bn(module, train_bn: bool):
@@ -201,22 +185,12 @@ def freeze_bn(module, train_bn: bool):
                 m.eval()
 
 
-@dataclasses.dataclass
-class FitResult:
-    model: object
-    best_epoch: int
-    epochs_run: int
-    history: dict
-    class_weights: list[float] | None
-    seconds: float
-    device: str
-
-
 def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray, params, cfg, epochs: int,
-        patience: int, train_bn: bool, device: str, log=lambda s: None) -> FitResult:
+        patience: int, train_bn: bool, device: str, log=lambda s: None):
     """Generic loop: `train_batches()` yields (x, y) tensors per step; early stopping on validation loss.
 
     `params` are optimiser parameter groups (different learning rates for pretrained and new parts).
+    Returns a head.Fit.
     """
     import copy
     import time
@@ -224,10 +198,10 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     import torch
     import torch.nn.functional as F
 
+    from .head import Fit, class_weights
+
     t0 = time.perf_counter()
-    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
-    weights = (np.where(counts > 0, len(y_train) / (n_classes * np.maximum(counts, 1)), 0.0).tolist()
-               if cfg.class_weights else None)
+    weights = class_weights(y_train, n_classes) if cfg.class_weights else None
     wt = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
@@ -265,7 +239,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
             break
     model.load_state_dict(best[2])
     model.eval().cpu()
-    return FitResult(model, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
+    return Fit(model, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
 
 
 def tensor_batches(x: np.ndarray, y: np.ndarray, bs: int, shuffle: bool, seed: int, epoch_box: list):

@@ -72,8 +72,10 @@ class WithSoftmax:
 
 
 @dataclasses.dataclass
-class TrainResult:
-    head: object  # torch module (logits), best epoch restored, eval mode
+class Fit:
+    """What a training run gives back (heads here; top blocks and whole networks in finetune)."""
+
+    model: object  # torch module (logits), best epoch restored, eval mode, on the CPU
     best_epoch: int
     epochs_run: int
     history: dict  # train_loss, val_loss, val_acc per epoch
@@ -83,7 +85,7 @@ class TrainResult:
 
 
 def train(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
-          cfg: HeadConfig, device: str | None = None, log=None) -> TrainResult:
+          cfg: HeadConfig, device: str | None = None, log=None) -> Fit:
     """Train a head; early stopping on validation loss, best epoch restored.
 
     Class weights (n / (C * n_c)) counter imbalance; label smoothing and weight decay regularise.
@@ -100,11 +102,7 @@ def train(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np
     xv = torch.as_tensor(x_val, dtype=torch.float32, device=device)
     yv = torch.as_tensor(y_val, dtype=torch.long, device=device)
     n = len(xt)
-    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
-    weights = None
-    if cfg.class_weights:
-        w = np.where(counts > 0, n / (n_classes * np.maximum(counts, 1)), 0.0)
-        weights = w.tolist()
+    weights = class_weights(y_train, n_classes) if cfg.class_weights else None
     wt = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     head = build(cfg, x_train.shape[1], n_classes).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -137,4 +135,10 @@ def train(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np
             break
     head.load_state_dict(best[2])
     head.eval().cpu()
-    return TrainResult(head, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
+    return Fit(head, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> list[float]:
+    """n / (C * n_c) per class: each class weighs the same in the loss whatever its size."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0).tolist()

@@ -205,15 +205,9 @@ def resolve_source(camera: int | None, source: str | None):
         return "files", files, False
     if not p.exists():
         raise SourceError(f"no such file: {source}")
-    from .data import looks_like_image
+    from .data import image_by_content
 
-    with open(p, "rb") as f:
-        head = f.read(16)
-    from .data import _MAGIC
-
-    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return "files", [p], False
-    return "file", p, False
+    return ("files", [p], False) if image_by_content(p) else ("file", p, False)
 
 
 class Smoother:

@@ -103,6 +103,7 @@ def model_card(s: dict) -> str:
                      f"{m['per_class'][c]['precision']:.3f} | {m['per_class'][c]['recall']:.3f} | "
                      f"{m['per_class'][c]['f1']:.3f} |" for c in m["classes"])
     hp = "\n".join(f"- {k}: {v}" for k, v in s["head"].items())
+    auto = f" (chosen by --unfreeze auto: {s['auto_reason']})" if s.get("auto_reason") else ""
     return f"""# {s['name']} — edgetl model card
 
 Image classifier for {len(m['classes'])} classes: {', '.join(m['classes'])}.
@@ -120,7 +121,9 @@ Validation accuracy **{m['accuracy']:.4f}** ({m['correct']}/{m['n']}), measured 
 
 ## Model
 - backbone: {s['backbone']} (frozen, ImageNet-pretrained), embedding size {s['dim']}
-- head: {s['head']['kind']}, best epoch {s['best_epoch']} of {s['epochs_run']}, trained in {s['train_seconds']:.1f} s on {s['device']}
+- regime: {s['regime']}{auto}
+- head: {s['head']['kind']}; best epoch {s['best_epoch']} of {s['epochs_run']};
+  trained in {s['train_seconds']:.1f} s on {s['device']}
 - class weights: {s['class_weights']}
 
 ## Hyper-parameters

@@ -37,7 +37,6 @@ def _probe_cuda() -> bool:
     try:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels that torch brings, if any
-        import onnx
         from onnx import TensorProto, helper
 
         g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",

@@ -64,7 +64,8 @@ def check_classes(ds, usable: list[int]) -> None:
     have = {ds.items[i].label for i in usable}
     empty = [c for c in ds.classes if c not in have]
     if empty:
-        raise DataError(f"class {empty[0]!r} has no readable images" + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""))
+        more = f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(f"class {empty[0]!r} has no readable images{more}")
 
 
 def choose_regime(per_class: int) -> tuple[str, str]:
@@ -81,12 +82,7 @@ class Trained:
     first: object  # onnx.ModelProto: backbone or trunk
     second: object  # onnx.ModelProto: head or top
     second_diff: float  # its export parity
-    best_epoch: int
-    epochs_run: int
-    history: dict
-    class_weights: list[float] | None
-    seconds: float
-    device: str
+    fit: object  # head.Fit
     regime: str
 
 
@@ -133,7 +129,8 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
         t = _train_all(bmeta, weights, train_bn, **common)
     else:
         t = _train_top(int(unfreeze), bmeta, weights, train_bn, **common)
-    log(f"trained ({t.regime}): best epoch {t.best_epoch} of {t.epochs_run}, {t.seconds:.1f} s on {t.device}")
+    log(f"trained ({t.regime}): best epoch {t.fit.best_epoch} of {t.fit.epochs_run}, {t.fit.seconds:.1f} s "
+        f"on {t.fit.device}")
     return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, out, r, batch_size, reason)
 
 
@@ -162,11 +159,11 @@ def _train_frozen(r, backbone, bmeta, backbone_path, ds, split, y_train, y_val, 
         xs.append(rv.namespace.load([rv.keys[i] for i in split.train])[1])
         ys.append(y_train)
     tr = train(np.concatenate(xs), np.concatenate(ys), x_val, y_val, len(ds.classes), cfg, device=torch_device)
-    head_model, diff = fuse.export_head(tr.head, x_train.shape[1], ds.classes, {
+    head_model, diff = fuse.export_head(tr.model, x_train.shape[1], ds.classes, {
         C.KEY_BACKBONE: bmeta[C.KEY_BACKBONE], C.KEY_FINGERPRINT: bmeta[C.KEY_FINGERPRINT],
         C.KEY_HEAD: json.dumps(cfg.describe())})
-    return Trained(backbone, head_model, diff, tr.best_epoch, tr.epochs_run, tr.history, tr.class_weights,
-                   tr.seconds, tr.device, f"{cfg.kind} head, frozen backbone" + (f", {augment} augmented views" if augment else ""))
+    return Trained(backbone, head_model, diff, tr,
+                   f"{cfg.kind} head, frozen backbone" + (f", {augment} augmented views" if augment else ""))
 
 
 def _torch_backbone(bmeta, weights):
@@ -225,8 +222,7 @@ def _train_top(n_unfreeze, bmeta, weights, train_bn, ds, split, y_train, y_val, 
     extra = {C.KEY_BACKBONE: bb.name, C.KEY_FINGERPRINT: tmeta[C.KEY_FINGERPRINT], C.KEY_CUT: tmeta[C.KEY_CUT],
              C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": n_unfreeze, "train_bn": train_bn})}
     top_model, diff = export_top(res.model, shape, ds.classes, extra)
-    return Trained(trunk, top_model, diff, res.best_epoch, res.epochs_run, res.history, res.class_weights,
-                   res.seconds, res.device, f"last {n_unfreeze} blocks + {cfg.kind} head on cached activations"
+    return Trained(trunk, top_model, diff, res, f"last {n_unfreeze} blocks + {cfg.kind} head on cached activations"
                    + (f", {augment} augmented views" if augment else ""))
 
 
@@ -316,8 +312,7 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
     head_model, diff = fuse.export_head(model.head, bb.dim, ds.classes, {
         C.KEY_BACKBONE: meta[C.KEY_BACKBONE], C.KEY_FINGERPRINT: tuned.fingerprint,
         C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": "all", "augment": bool(augment), "train_bn": train_bn})})
-    return Trained(first, head_model, diff, res.best_epoch, res.epochs_run, res.history, res.class_weights,
-                   res.seconds, res.device, "whole network fine-tuned" + (" with augmentation" if augment else ""))
+    return Trained(first, head_model, diff, res, "whole network fine-tuned" + (" with augmentation" if augment else ""))
 
 
 def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_size: int, reason: str) -> dict:
@@ -357,15 +352,15 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
         "backbone": fmeta[C.KEY_BACKBONE], "regime": t.regime, "auto_reason": reason or None,
         "dim": int(fmeta.get(C.KEY_EMBEDDING_DIM, 0)), "input_size": list(spec.input_size), "classes": ds.classes,
         "counts": {"train": _counts(ds, split.train), "val": _counts(ds, split.val)},
-        "skipped": [str(p) for p, _ in r.skipped], "head": cfg.describe(), "best_epoch": t.best_epoch,
-        "epochs_run": t.epochs_run, "train_seconds": t.seconds, "device": t.device,
-        "class_weights": ({c: round(w, 4) for c, w in zip(ds.classes, t.class_weights)}
-                          if t.class_weights else "off"),
+        "skipped": [str(p) for p, _ in r.skipped], "head": cfg.describe(), "best_epoch": t.fit.best_epoch,
+        "epochs_run": t.fit.epochs_run, "train_seconds": t.fit.seconds, "device": t.fit.device,
+        "class_weights": ({c: round(w, 4) for c, w in zip(ds.classes, t.fit.class_weights)}
+                          if t.fit.class_weights else "off"),
         "metrics": m, "parity_images": n_checked, "fuse_max_abs_diff": worst, "fuse_atol": C.FUSE_ATOL,
         "head_max_abs_diff": t.second_diff, "model_sha256": None, "head_sha256": sha256_bytes(second_bytes),
         "backbone_sha256": sha256_bytes(t.first.SerializeToString()),
         "weights_sha256": fmeta.get(C.KEY_WEIGHTS_SHA256), "edgetl": __version__, "torch": torch.__version__,
-        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "history": t.history,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "history": t.fit.history,
     }
     training = {k: summary[k] for k in ("data", "split_note", "counts", "regime", "best_epoch", "epochs_run",
                                         "class_weights")}
@@ -388,7 +383,7 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
     write_text(out / "metrics.json", report.dumps(summary))
     if len(split.val):
         report.plot_confusion(m, out / "confusion.png")
-    report.plot_curves(t.history, t.best_epoch, out / "curves.png")
+    report.plot_curves(t.fit.history, t.fit.best_epoch, out / "curves.png")
     write_text(out / "MODEL_CARD.md", report.model_card(summary))
     summary["out"] = out
     return summary

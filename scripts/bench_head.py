@@ -49,7 +49,7 @@ def main():
         sec = time.perf_counter() - t
 
         with torch.no_grad():
-            acc = float((r.head(torch.from_numpy(x[cut:])).argmax(1).numpy() == y[cut:]).mean())
+            acc = float((r.model(torch.from_numpy(x[cut:])).argmax(1).numpy() == y[cut:]).mean())
         print(f"1. {kind} head on {a.n} x {a.dim}: {sec:.2f} s ({r.epochs_run} epochs, best {r.best_epoch}, "
               f"val acc {acc:.3f}); target <= 10 s")
 
@@ -61,7 +61,7 @@ def main():
 
     b = onnx.load(str(work / "backbone.onnx"))
     meta = {p.key: p.value for p in b.metadata_props}
-    h, _ = fuse.export_head(r.head, a.dim, [str(i) for i in range(a.classes)],
+    h, _ = fuse.export_head(r.model, a.dim, [str(i) for i in range(a.classes)],
                             {C.KEY_FINGERPRINT: meta[C.KEY_FINGERPRINT], C.KEY_BACKBONE: meta[C.KEY_BACKBONE]})
     fused = fuse.fuse(b, h)
     sb, sf = session(b.SerializeToString(), "cpu"), session(fused.SerializeToString(), "cpu")

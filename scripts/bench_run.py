@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 
 def make_model(work: Path) -> Path:
@@ -93,7 +92,8 @@ def main():
     probe = ("import time, sys, json; t = time.perf_counter(); import numpy, cv2, onnxruntime; "
              "t1 = time.perf_counter(); import edgetl.runtime as rt, edgetl.live; t2 = time.perf_counter(); "
              f"m = rt.load_model({str(model_path)!r}); m.predict_frame(numpy.zeros((480, 640, 3), numpy.uint8)); "
-             "print(json.dumps({'deps_s': t1 - t, 'edgetl_s': t2 - t1, 'rss_mb': int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024, "
+             "hwm = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024; "
+             "print(json.dumps({'deps_s': t1 - t, 'edgetl_s': t2 - t1, 'rss_mb': hwm, "
              "'torch': any(k.split('.')[0] == 'torch' for k in sys.modules)}))")
     res = [json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
            for _ in range(3)]

@@ -199,7 +199,7 @@ def test_head_training_behaviour():
     import torch
 
     with torch.no_grad():
-        acc = (r.head(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy() == yv).mean()
+        acc = (r.model(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy() == yv).mean()
     assert acc >= 0.9
     r2 = train(x.astype(np.float32), y, xv.astype(np.float32), yv, 3, HeadConfig(patience=10))
     assert r2.history == r.history  # seeded
