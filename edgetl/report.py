@@ -120,7 +120,7 @@ centre-cropped by `edgetl.preprocess.load_image`), output `float32 probabilities
 Validation accuracy **{m['accuracy']:.4f}** ({m['correct']}/{m['n']}), measured on the fused model.
 
 ## Model
-- backbone: {s['backbone']} (frozen, ImageNet-pretrained), embedding size {s['dim']}
+- backbone: {s['backbone']} (ImageNet-pretrained); the head sees {s['link']}
 - regime: {s['regime']}{auto}
 - head: {s['head']['kind']}; best epoch {s['best_epoch']} of {s['epochs_run']};
   trained in {s['train_seconds']:.1f} s on {s['device']}

@@ -350,7 +350,9 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
     summary = {
         "name": out.resolve().name, "data": str(data), "split_note": split.note,
         "backbone": fmeta[C.KEY_BACKBONE], "regime": t.regime, "auto_reason": reason or None,
-        "dim": int(fmeta.get(C.KEY_EMBEDDING_DIM, 0)), "input_size": list(spec.input_size), "classes": ds.classes,
+        "link": (f"activation maps {json.loads(fmeta[C.KEY_CUT])['shape']} after block {json.loads(fmeta[C.KEY_CUT])['block']}"
+                 if C.KEY_CUT in fmeta else f"embeddings of size {fmeta.get(C.KEY_EMBEDDING_DIM)}"),
+        "input_size": list(spec.input_size), "classes": ds.classes,
         "counts": {"train": _counts(ds, split.train), "val": _counts(ds, split.val)},
         "skipped": [str(p) for p, _ in r.skipped], "head": cfg.describe(), "best_epoch": t.fit.best_epoch,
         "epochs_run": t.fit.epochs_run, "train_seconds": t.fit.seconds, "device": t.fit.device,
