@@ -201,6 +201,8 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     from .head import Fit, class_weights
 
     t0 = time.perf_counter()
+    # channels-last is much faster for depthwise convolutions on CPUs (about 1.6x for a training step)
+    model.to(memory_format=torch.channels_last)
     weights = class_weights(y_train, n_classes) if cfg.class_weights else None
     wt = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
@@ -213,7 +215,8 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
         freeze_bn(model, train_bn)
         total, n = 0.0, 0
         for x, y in train_batches():
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), weight=wt, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(model(_layout(x.to(device))), y.to(device), weight=wt,
+                                   label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -224,7 +227,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
         vl, correct = 0.0, 0
         with torch.no_grad():
             for x, y in val_x():
-                logits = model(x.to(device))
+                logits = model(_layout(x.to(device)))
                 vl += float(F.cross_entropy(logits, y.to(device), weight=wt, reduction="sum"))
                 correct += int((logits.argmax(1).cpu() == y).sum())
         nv = max(1, len(val_y))
@@ -238,8 +241,14 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
         elif epoch - best[1] >= patience:
             break
     model.load_state_dict(best[2])
-    model.eval().cpu()
+    model.eval().cpu().to(memory_format=torch.contiguous_format)
     return Fit(model, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
+
+
+def _layout(x):
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.dtype.is_floating_point else x
 
 
 def tensor_batches(x: np.ndarray, y: np.ndarray, bs: int, shuffle: bool, seed: int, epoch_box: list):

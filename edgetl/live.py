@@ -304,12 +304,7 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
             stages = {"capture": frame.capture_ms, "preprocess": frame.preprocess_ms, "inference": infer_ms}
             for k, v in stages.items():
                 stats[k] += v
-            if headless:
-                out.write(json.dumps({"frame": frame.index, "t": round(frame.t, 4), "label": label,
-                                      "prob": round(prob, 6), "top": [[c, round(p, 6)] for c, p in top]},
-                                     ensure_ascii=False) + "\n")
-                out.flush()
-            if save or not headless:
+            if save or not headless:  # the video first: a line printed always has its frame saved
                 shown = draw(frame.bgr, label, prob, top, fps, stages)
                 if save:
                     if writer is None:
@@ -322,6 +317,11 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
                     if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                         ended = "quit"
                         break
+            if headless:
+                out.write(json.dumps({"frame": frame.index, "t": round(frame.t, 4), "label": label,
+                                      "prob": round(prob, 6), "top": [[c, round(p, 6)] for c, p in top]},
+                                     ensure_ascii=False) + "\n")
+                out.flush()
     except KeyboardInterrupt:
         ended = "interrupted"
     except BrokenPipeError:  # `edgetl run --headless | head`: the reader left

@@ -181,7 +181,7 @@ def test_ctrl_c_keeps_the_saved_video_playable(model_path, tmp_path):
     got = 0
     while cap.read()[0]:
         got += 1
-    assert 0 < got == printed < 400
+    assert 0 < printed < 400 and got in (printed, printed + 1)  # Ctrl-C may land between save and print
 
 
 def _default_sigint():
