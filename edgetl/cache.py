@@ -134,16 +134,31 @@ class Namespace:
         out = np.stack([rows[k] for k in order]) if order else np.zeros((0, self.dim), self.dtype)
         return order, out.astype(np.float32, copy=False)
 
-    def compact(self, min_shards: int = 64) -> None:
-        """Merge shards into one when there are many (re-runs then read few files)."""
-        shards = self.shards()
-        if len(shards) < min_shards:
+    def compact(self, min_shards: int = 64, chunk_bytes: int = 64 << 20) -> None:
+        """Merge small shards into shards of about `chunk_bytes` when there are many (re-runs then read
+        few files). Memory stays bounded by one chunk; each merged shard is written before its sources go."""
+        small = [s for s in self.shards() if s.stat().st_size < chunk_bytes // 4]
+        if len(small) < min_shards:
             return
-        keys, emb = self.load()
-        if keys:
-            self.add(keys, emb)
-        for s in shards:
-            s.unlink(missing_ok=True)
+        group: list[tuple[Path, np.ndarray, np.ndarray]] = []
+
+        def merge():
+            if len(group) > 1:
+                keys = np.concatenate([k for _, k, _ in group])
+                self.add([bytes(k) for k in keys], np.concatenate([e for _, _, e in group]))
+                for s, _, _ in group:
+                    s.unlink(missing_ok=True)
+            group.clear()
+
+        size = 0
+        for shard in small:
+            with np.load(shard) as z:
+                group.append((shard, z["keys"], z["emb"]))
+            size += group[-1][2].nbytes
+            if size >= chunk_bytes:
+                merge()
+                size = 0
+        merge()
 
 
 def open_for_backbone(root: str | os.PathLike, backbone_meta: dict[str, str], view: str = "center",

@@ -89,21 +89,23 @@ def _read(item: tuple[int, Path], spec: Spec, known: set[bytes], view: str):
 def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_root: str | os.PathLike,
                  device: str = "auto", batch_size: int = 32, workers: int | None = None,
                  threads: int | None = None, progress: bool | None = None, spin: bool = False,
-                 view: str = "center", only=None, max_bytes: int | None = None) -> EmbedResult:
+                 view: str = "center", only=None, check_space: bool = False) -> EmbedResult:
     """Bring the cache up to date for every image under `data`; return per-item keys and counts.
 
     `backbone` is a backbone.onnx or a trunk.onnx (activation maps, cached as float16). `view` is
     "center" (the deployment crop) or "aug<i>" (a seeded random augmentation; its own namespace).
-    `only` limits the work to a subset of the dataset's item indices. Memory stays flat: at most a
-    few batches of decoded images are in flight.
+    `only` limits the work to a subset of the dataset's item indices. `check_space` refuses (CacheError,
+    with the numbers) when the entries could not fit the disk. Memory stays flat: at most a few batches
+    of decoded images are in flight.
     """
     t0 = time.perf_counter()
     sess, spec, meta = open_backbone(backbone, device, threads, spin)
     ds = scan(data)
     ns = open_for_backbone(cache_root, meta, view)
     out_name = sess.get_outputs()[0].name
-    if max_bytes is not None:
-        need = len(ds.items) * ns.dim * ns.dtype.itemsize
+    wanted = range(len(ds.items)) if only is None else sorted(only)
+    if check_space:
+        need = len(wanted) * ns.dim * ns.dtype.itemsize  # at most: some may be cached already
         free = shutil.disk_usage(ns.dir).free
         if need > free:
             raise CacheError(f"the cache would need {need / 1e9:.2f} GB and {ns.dir} has {free / 1e9:.2f} GB free")
@@ -123,7 +125,6 @@ def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_roo
             pending_keys, pending_arrays = [], []
             batch_seen.clear()
 
-    wanted = range(len(ds.items)) if only is None else sorted(only)
     bar = _progress(len(wanted), progress)
     work = ((i, ds.items[i].path) for i in wanted)
     read = functools.partial(_read, spec=spec, known=known, view=view)

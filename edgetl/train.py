@@ -134,17 +134,21 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, out, r, batch_size, reason)
 
 
-def _aug_rows(ds, split, y_train, augment, backbone_path, cache_root, device, batch_size, log):
-    """Cache K augmented views of the training images; return (keys per view, labels) for training."""
+def _aug_views(model_path, ds, split, augment, cache_root, device, batch_size, log, check_space=False):
+    """Bring the cache up to date for K augmented views of the training images (one namespace each)."""
     from .embed import embed_folder
 
     views = []
     for v in range(augment):
-        rv = embed_folder(ds.root, backbone_path, cache_root, device=device, batch_size=batch_size,
-                          view=f"aug{v}", only=split.train)
+        rv = embed_folder(ds.root, model_path, cache_root, device=device, batch_size=batch_size,
+                          view=f"aug{v}", only=split.train, check_space=check_space)
         log(f"augmented view {v + 1}/{augment}: {rv.new} new, {rv.reused} reused")
         views.append(rv)
     return views
+
+
+def _rows(r, idx) -> np.ndarray:
+    return r.namespace.load([r.keys[i] for i in idx])[1]
 
 
 def _train_frozen(r, backbone, bmeta, backbone_path, ds, split, y_train, y_val, cfg, augment, cache_root, device,
@@ -152,13 +156,10 @@ def _train_frozen(r, backbone, bmeta, backbone_path, ds, split, y_train, y_val, 
     from . import fuse
     from .head import train
 
-    _, x_train = r.namespace.load([r.keys[i] for i in split.train])
-    _, x_val = r.namespace.load([r.keys[i] for i in split.val])
-    xs, ys = [x_train], [y_train]
-    for rv in _aug_rows(ds, split, y_train, augment, backbone_path, cache_root, device, batch_size, log):
-        xs.append(rv.namespace.load([rv.keys[i] for i in split.train])[1])
-        ys.append(y_train)
-    tr = train(np.concatenate(xs), np.concatenate(ys), x_val, y_val, len(ds.classes), cfg, device=torch_device)
+    views = [r] + _aug_views(backbone_path, ds, split, augment, cache_root, device, batch_size, log)
+    x_train = np.concatenate([_rows(v, split.train) for v in views])
+    y_all = np.concatenate([y_train] * len(views))
+    tr = train(x_train, y_all, _rows(r, split.val), y_val, len(ds.classes), cfg, device=torch_device)
     head_model, diff = fuse.export_head(tr.model, x_train.shape[1], ds.classes, {
         C.KEY_BACKBONE: bmeta[C.KEY_BACKBONE], C.KEY_FINGERPRINT: bmeta[C.KEY_FINGERPRINT],
         C.KEY_HEAD: json.dumps(cfg.describe())})
@@ -195,19 +196,14 @@ def _train_top(n_unfreeze, bmeta, weights, train_bn, ds, split, y_train, y_val, 
     per_image = int(np.prod(shape)) * 2
     log(f"cut {bb.name} before block {k} of {len(st.blocks)}: activation {shape}, "
         f"{per_image / 1e3:.0f} kB per image in the cache, {per_image * len(ds.items) * (1 + augment) / 1e6:.0f} MB in all")
-    views = [embed_folder(ds.root, trunk_path, cache_root, device=device, batch_size=batch_size,
-                          max_bytes=per_image * len(ds.items))]
-    log(f"trunk activations: {views[0].summary()}")
-    for v in range(augment):
-        views.append(embed_folder(ds.root, trunk_path, cache_root, device=device, batch_size=batch_size,
-                                  view=f"aug{v}", only=split.train, max_bytes=per_image * len(split.train)))
-    xs = [rv.namespace.load([rv.keys[i] for i in split.train])[1] for rv in views]
-    x_train = np.concatenate(xs).reshape(-1, *shape).astype(np.float16)
-    y_all = np.concatenate([y_train] * len(xs))
-    x_val = views[0].namespace.load([views[0].keys[i] for i in split.val])[1].reshape(-1, *shape)
-    hcfg = dataclasses.replace(cfg)
+    center = embed_folder(ds.root, trunk_path, cache_root, device=device, batch_size=batch_size, check_space=True)
+    log(f"trunk activations: {center.summary()}")
+    views = [center] + _aug_views(trunk_path, ds, split, augment, cache_root, device, batch_size, log, True)
+    x_train = np.concatenate([_rows(v, split.train) for v in views]).reshape(-1, *shape).astype(np.float16)
+    y_all = np.concatenate([y_train] * len(views))
+    x_val = _rows(center, split.val).reshape(-1, *shape)
     torch.manual_seed(cfg.seed)
-    h = head_mod.build(hcfg, bb.dim, len(ds.classes))
+    h = head_mod.build(cfg, bb.dim, len(ds.classes))
     top = TopAndHead.build(st, k, h)
     for p in top.parameters():
         p.requires_grad_(True)

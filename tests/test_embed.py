@@ -200,3 +200,15 @@ def test_cli_cuda_without_gpu(tmp_path, make_dataset, tiny_onnx):
 def test_key_is_content_hash():
     a = encode(photo(1))
     assert cache_mod.image_key(a) == cache_mod.image_key(bytes(a)) != cache_mod.image_key(encode(photo(2)))
+
+
+def test_compaction_merges_in_bounded_chunks_and_keeps_every_entry(tmp_path):
+    ns = cache_mod.Namespace(tmp_path, "x", "fp", '{"a": 1}', 8).open()
+    rng = np.random.default_rng(0)
+    for _ in range(80):
+        ns.add([rng.bytes(32) for _ in range(3)], rng.normal(size=(3, 8)).astype(np.float32))
+    before = entries(ns)
+    ns.compact(min_shards=64, chunk_bytes=4000)  # a shard of 3 rows holds 96 bytes of floats: ~42 a chunk
+    after = entries(cache_mod.Namespace(tmp_path, "x", "fp", '{"a": 1}', 8).open())
+    assert len(ns.shards()) == 2
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
