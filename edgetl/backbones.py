@@ -323,10 +323,6 @@ def _in_families(arch: str) -> list[str]:
     return found
 
 
-def names() -> list[str]:
-    return list(_REGISTRY)
-
-
 def get(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
     """Build a registered backbone, frozen, classifier removed. Raises UnknownBackbone/WeightsUnavailable."""
     family, sep, arch = name.partition(":")

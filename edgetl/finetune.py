@@ -95,32 +95,24 @@ def trunk_module(backbone, st: Stages, k: int):
 
     from .export import image_module
 
-    class Trunk(torch.nn.Module):
+    return image_module(dataclasses.replace(backbone, model=torch.nn.Sequential(st.stem, *st.blocks[:k]))).eval()
+
+
+def top_and_head(st: Stages, k: int, head):
+    """activation → blocks[k:] → tail → head logits: the trainable part."""
+    import torch
+
+    class Top(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.features = torch.nn.Sequential(st.stem, *st.blocks[:k])
+            self.blocks = torch.nn.Sequential(*st.blocks[k:])
+            self.tail = st.tail
+            self.head = head
 
-    t = Trunk()
-    return image_module(dataclasses.replace(backbone, model=t.features)).eval()
+        def forward(self, activation):
+            return self.head(self.tail(self.blocks(activation)))
 
-
-class TopAndHead:
-    @staticmethod
-    def build(st: Stages, k: int, head):
-        """activation → blocks[k:] → tail → head logits: the trainable part."""
-        import torch
-
-        class Top(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.blocks = torch.nn.Sequential(*st.blocks[k:])
-                self.tail = st.tail
-                self.head = head
-
-            def forward(self, activation):
-                return self.head(self.tail(self.blocks(activation)))
-
-        return Top()
+    return Top()
 
 
 def trunk_fingerprint(backbone_fp: str, k: int, n_blocks: int) -> str:
@@ -157,17 +149,10 @@ def export_top(top, shape: list[int], classes: list[str], extra_meta: dict[str, 
 
     from . import __version__
     from .export import check_parity, to_onnx
+    from .head import with_softmax
     from .runtime import session
 
-    class WithSoftmax(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.top = top
-
-        def forward(self, activation):
-            return torch.softmax(self.top(activation), dim=1)
-
-    module = WithSoftmax().eval()
+    module = with_softmax(top)
     meta = {C.KEY_FORMAT: C.FORMAT_TOP, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes), **extra_meta}
     model = to_onnx(module, (torch.zeros(2, *shape),), [C.ACTIVATION], [C.PROBABILITIES], meta)
     rng = np.random.default_rng(0)

@@ -23,10 +23,10 @@ def export_head(head, dim: int, classes: list[str], extra_meta: dict[str, str], 
     import torch
 
     from .export import check_parity, to_onnx
-    from .head import WithSoftmax
+    from .head import with_softmax
     from .runtime import session
 
-    module = WithSoftmax.wrap(head)
+    module = with_softmax(head)
     meta = {C.KEY_FORMAT: C.FORMAT_HEAD, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes),
             **extra_meta}
     model = to_onnx(module, (torch.zeros(2, dim),), [C.EMBEDDING], [C.PROBABILITIES], meta)

@@ -53,22 +53,19 @@ def build(cfg: HeadConfig, dim: int, n_classes: int):
     return nn.Sequential(*layers, nn.Linear(width, n_classes))
 
 
-class WithSoftmax:
-    """Wraps a trained head for export: embeddings → probabilities."""
+def with_softmax(model):
+    """Wrap a trained module (logits) for export: its input → probabilities (softmax in the graph)."""
+    import torch
 
-    @staticmethod
-    def wrap(head):
-        import torch
+    class WithSoftmax(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.head = m
 
-        class _M(torch.nn.Module):
-            def __init__(self, h):
-                super().__init__()
-                self.head = h
+        def forward(self, x):
+            return torch.softmax(self.head(x), dim=1)
 
-            def forward(self, embedding):
-                return torch.softmax(self.head(embedding), dim=1)
-
-        return _M(head).eval()
+    return WithSoftmax(model).eval()
 
 
 @dataclasses.dataclass

@@ -183,7 +183,7 @@ def _train_top(n_unfreeze, bmeta, weights, train_bn, ds, split, y_train, y_val, 
     from . import head as head_mod
     from .embed import embed_folder
     from .files import write_bytes as wb
-    from .finetune import TopAndHead, cut_index, export_top, export_trunk, fit, tensor_batches, verified_stages
+    from .finetune import top_and_head, cut_index, export_top, export_trunk, fit, tensor_batches, verified_stages
 
     bb = _torch_backbone(bmeta, weights)
     st = verified_stages(bb)
@@ -204,7 +204,7 @@ def _train_top(n_unfreeze, bmeta, weights, train_bn, ds, split, y_train, y_val, 
     x_val = _rows(center, split.val).reshape(-1, *shape)
     torch.manual_seed(cfg.seed)
     h = head_mod.build(cfg, bb.dim, len(ds.classes))
-    top = TopAndHead.build(st, k, h)
+    top = top_and_head(st, k, h)
     for p in top.parameters():
         p.requires_grad_(True)
     dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")

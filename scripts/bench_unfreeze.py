@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from edgetl import backbones
 from edgetl.data import scan
 from edgetl.embed import embed_folder
-from edgetl.finetune import TopAndHead, cut_index, export_trunk, trunk_module, verified_stages
+from edgetl.finetune import top_and_head, cut_index, export_trunk, trunk_module, verified_stages
 from edgetl.preprocess import load_image
 
 
@@ -52,7 +52,7 @@ def main():
 
     def epoch(from_cache: bool) -> float:
         torch.manual_seed(0)
-        top = TopAndHead.build(st, k, torch.nn.Linear(bb.dim, len(classes)))
+        top = top_and_head(st, k, torch.nn.Linear(bb.dim, len(classes)))
         for p in top.parameters():
             p.requires_grad_(True)
         top.to(memory_format=torch.channels_last)  # edgetl trains in channels-last (finetune.fit)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from edgetl import backbones, runtime
 from edgetl import contract as C
 from edgetl.cli import main
-from edgetl.finetune import CutError, TopAndHead, cut_index, freeze_bn, stages, verified_stages
+from edgetl.finetune import CutError, top_and_head, cut_index, freeze_bn, stages, verified_stages
 from edgetl.preprocess import Spec, augment_view, decode_bgr, load_image
 from edgetl.train import AUTO_ALL_FROM, AUTO_HEAD_BELOW, choose_regime
 
@@ -164,7 +164,7 @@ def test_auto_rule_and_its_report(data, tmp_path, tiny_onnx):
 def test_batchnorm_statistics_stay_frozen_by_default():
     bb = backbones.get("tiny_test")
     st = stages(bb.model)
-    top = TopAndHead.build(st, cut_index(st, 2, "tiny_test"), torch.nn.Linear(bb.dim, 2))
+    top = top_and_head(st, cut_index(st, 2, "tiny_test"), torch.nn.Linear(bb.dim, 2))
     before = {k: v.clone() for k, v in top.state_dict().items() if "running_mean" in k}
     x = torch.randn(4, *_shape(bb, st, 3))
     for train_bn, changed in ((False, False), (True, True)):
