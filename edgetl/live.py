@@ -269,6 +269,17 @@ class RunSummary:
                 + (f"; saved {self.saved}" if self.saved else ""))
 
 
+def _qt_fonts() -> None:
+    """opencv-python's Qt looks for fonts in a folder the wheel does not ship (and warns on every
+    draw); point it at the system's fonts when there are any."""
+    if os.path.isdir(os.environ.get("QT_QPA_FONTDIR", "")):
+        return
+    for d in ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype", "/usr/share/fonts"):
+        if os.path.isdir(d):
+            os.environ["QT_QPA_FONTDIR"] = d
+            return
+
+
 def has_display() -> bool:
     return os.name == "nt" or sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
@@ -279,8 +290,10 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
     """The live loop. Returns a summary; Ctrl-C ends it cleanly (the saved video stays playable)."""
     cv2 = _cv2()
     out = out or sys.stdout
-    if not headless and not has_display():
-        raise EdgetlError("no display to open a window on; use --headless (JSON lines) and/or --save out.mp4")
+    if not headless:
+        if not has_display():
+            raise EdgetlError("no display to open a window on; use --headless (JSON lines) and/or --save out.mp4")
+        _qt_fonts()
     kind, target, latest_only = resolve_source(camera, source)
     cap = Capture(kind, target, model.spec, latest_only).start()
     smoother = Smoother(smooth)

@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,3 +189,22 @@ def test_ctrl_c_keeps_the_saved_video_playable(model_path, tmp_path):
 def _default_sigint():
     """The test runner may start with SIGINT ignored (a background job); Ctrl-C must reach the child."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
+def test_window_mode_on_a_virtual_display(model_path, video, tmp_path):
+    """The overlay window path, for real, on Xvfb: opens, draws every frame, ends cleanly and quietly."""
+    path, _ = video
+    display = f":{90 + os.getpid() % 100}"
+    xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "800x600x24"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        env = {**os.environ, "DISPLAY": display}
+        r = subprocess.run([sys.executable, "-m", "edgetl.cli", "run", "--model", str(model_path), "--source", str(path),
+                            "--max-frames", "6"], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        xvfb.terminate()
+        xvfb.wait(timeout=10)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and r.stderr.startswith("6 frames in ") and "QFontDatabase" not in r.stderr
