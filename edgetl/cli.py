@@ -164,18 +164,9 @@ def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patienc
               help="Photos for the parity check (default: sample photos shipped with matplotlib).")
 def fuse_cmd(backbone, head, output, check_images):
     """Fuse BACKBONE.onnx and HEAD.onnx into one model.onnx, verified against the chained pair."""
-    from . import fuse
-    from .export import check_batches, default_check_images
-    from .files import write_bytes
-    from .preprocess import Spec, load_image
-    from . import contract as C
+    from .fuse import fuse_files
 
-    b, h = fuse.load(backbone, C.FORMAT_BACKBONE), fuse.load(head, C.FORMAT_HEAD)
-    fused = fuse.fuse(b, h)
-    spec = Spec.from_json({p.key: p.value for p in b.metadata_props}[C.KEY_PREPROCESS])
-    images = [load_image(p, spec) for p in (check_images or default_check_images())]
-    worst, n, _ = fuse.check_fused(fused, b, h, check_batches(images))
-    write_bytes(output, fused.SerializeToString())
+    worst, n = fuse_files(backbone, head, output, list(check_images) or None)
     click.echo(f"wrote {output}; fused vs chained max abs diff {worst:.1e} on {n} images")
 
 

@@ -86,11 +86,12 @@ def _read(item: tuple[int, Path], spec: Spec, known: set[bytes], view: str):
         return None, None, str(e)
 
 
-def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_root: str | os.PathLike,
+def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike, cache_root: str | os.PathLike,
                  device: str = "auto", batch_size: int = 32, workers: int | None = None,
                  threads: int | None = None, progress: bool | None = None, spin: bool = False,
                  view: str = "center", only=None, check_space: bool = False) -> EmbedResult:
-    """Bring the cache up to date for every image under `data`; return per-item keys and counts.
+    """Bring the cache up to date for every image under `data` (a folder, or a Dataset already
+    scanned); return per-item keys and counts.
 
     `backbone` is a backbone.onnx or a trunk.onnx (activation maps, cached as float16). `view` is
     "center" (the deployment crop) or "aug<i>" (a seeded random augmentation; its own namespace).
@@ -100,7 +101,7 @@ def embed_folder(data: str | os.PathLike, backbone: str | os.PathLike, cache_roo
     """
     t0 = time.perf_counter()
     sess, spec, meta = open_backbone(backbone, device, threads, spin)
-    ds = scan(data)
+    ds = data if isinstance(data, Dataset) else scan(data)
     ns = open_for_backbone(cache_root, meta, view)
     out_name = sess.get_outputs()[0].name
     wanted = range(len(ds.items)) if only is None else sorted(only)

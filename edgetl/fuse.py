@@ -112,8 +112,8 @@ def check_fused(fused, backbone, head, batches, atol: float = C.FUSE_ATOL) -> tu
     return worst, n, outs
 
 
-def load(path, kind: str):
-    """Load an ONNX file and check it is the edgetl artifact `kind`; ModelError otherwise."""
+def load(path, kind: str | tuple[str, ...]):
+    """Load an ONNX file and check it is the edgetl artifact `kind` (or one of several); ModelError otherwise."""
     import onnx
 
     from pathlib import Path
@@ -125,6 +125,24 @@ def load(path, kind: str):
         m = onnx.load(str(p))
     except Exception:
         raise ModelError(f"{p} is not an ONNX model") from None
-    if _meta(m).get(C.KEY_FORMAT) != kind:
-        raise ModelError(f"{p} is not an edgetl {kind}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if _meta(m).get(C.KEY_FORMAT) not in kinds:
+        raise ModelError(f"{p} is not an edgetl {' or '.join(kinds)}")
     return m
+
+
+def fuse_files(first_path, second_path, out, check_images: list[str] | None = None) -> tuple[float, int]:
+    """`edgetl fuse`: backbone+head (or trunk+top) files → a checked model file. (max abs diff, images)."""
+    from .export import check_batches, default_check_images
+    from .files import write_bytes
+    from .preprocess import Spec, load_image
+
+    first = load(first_path, (C.FORMAT_BACKBONE, C.FORMAT_TRUNK))
+    second = load(second_path, C.FORMAT_TOP if _meta(first).get(C.KEY_FORMAT) == C.FORMAT_TRUNK else C.FORMAT_HEAD)
+    fused = fuse(first, second)
+    spec = Spec.from_json(_meta(first)[C.KEY_PREPROCESS])
+    images = [load_image(p, spec) for p in (check_images or default_check_images())]
+    worst, n, _ = check_fused(fused, first, second, check_batches(images))
+    write_bytes(out, fused.SerializeToString())
+    return worst, n
+

@@ -99,11 +99,20 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     bmeta = {p.key: p.value for p in backbone.metadata_props}
     out = writable_dir(out_dir)
     torch_device = None if device == "auto" else ("cuda" if device == "cuda" else "cpu")
+    reason = ""
+    if unfreeze == "auto":  # from the folder's counts (unreadable images are not known yet)
+        pre = make_split(scanned, list(range(len(scanned.items))), val_fraction, cfg.seed)
+        unfreeze, reason = choose_regime(min(_counts(scanned, pre.train).values()))
+        log(f"--unfreeze auto: {unfreeze} ({reason})")
+    cut = None
+    if unfreeze not in ("0", "all"):  # embed with the trunk straight away: one pass over the images
+        cut = _cut(int(unfreeze), bmeta, weights, cache_root, len(scanned.items) * (1 + augment), log)
 
     from .embed import embed_folder
 
-    r = embed_folder(data, backbone_path, cache_root, device=device, batch_size=batch_size)
-    log(f"embedded: {r.summary()}")
+    r = embed_folder(scanned, cut.path if cut else backbone_path, cache_root, device=device,
+                     batch_size=batch_size, check_space=cut is not None)
+    log(f"{'trunk activations' if cut else 'embedded'}: {r.summary()}")
     for line in r.skipped_lines():
         log(f"skipped{line}")
     ds = r.dataset
@@ -114,10 +123,6 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     missing = [c for c, n in train_counts.items() if n == 0]
     if missing:
         raise DataError(f"class {missing[0]!r} has no training images")
-    reason = ""
-    if unfreeze == "auto":
-        unfreeze, reason = choose_regime(min(train_counts.values()))
-        log(f"--unfreeze auto: {unfreeze} ({reason})")
     cls_index = {c: i for i, c in enumerate(ds.classes)}
     y_train = np.array([cls_index[ds.items[i].label] for i in split.train])
     y_val = np.array([cls_index[ds.items[i].label] for i in split.val])
@@ -128,7 +133,7 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     elif unfreeze == "all":
         t = _train_all(bmeta, weights, train_bn, **common)
     else:
-        t = _train_top(int(unfreeze), bmeta, weights, train_bn, **common)
+        t = _train_top(cut, r, train_bn, **common)
     log(f"trained ({t.regime}): best epoch {t.fit.best_epoch} of {t.fit.epochs_run}, {t.fit.seconds:.1f} s "
         f"on {t.fit.device}")
     return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, out, r, batch_size, reason)
@@ -140,7 +145,7 @@ def _aug_views(model_path, ds, split, augment, cache_root, device, batch_size, l
 
     views = []
     for v in range(augment):
-        rv = embed_folder(ds.root, model_path, cache_root, device=device, batch_size=batch_size,
+        rv = embed_folder(ds, model_path, cache_root, device=device, batch_size=batch_size,
                           view=f"aug{v}", only=split.train, check_space=check_space)
         log(f"augmented view {v + 1}/{augment}: {rv.new} new, {rv.reused} reused")
         views.append(rv)
@@ -176,29 +181,45 @@ def _torch_backbone(bmeta, weights):
     return bb
 
 
-def _train_top(n_unfreeze, bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment, cache_root, device,
-               torch_device, batch_size, log) -> Trained:
-    import torch
+@dataclasses.dataclass
+class Cut:
+    backbone: object  # backbones.Backbone
+    stages: object  # finetune.Stages
+    block: int  # index of the first trained block
+    unfreeze: int
+    trunk: object  # onnx.ModelProto: image → activation
+    shape: list[int]
+    path: Path  # the trunk's file in the cache folder
+    meta: dict[str, str]
 
-    from . import head as head_mod
-    from .embed import embed_folder
-    from .files import write_bytes as wb
-    from .finetune import top_and_head, cut_index, export_top, export_trunk, fit, tensor_batches, verified_stages
+
+def _cut(n_unfreeze: int, bmeta, weights, cache_root, images: int, log) -> Cut:
+    """Cut the PyTorch backbone before its last N blocks; export (and keep) the checked trunk."""
+    from .finetune import cut_index, export_trunk, verified_stages
 
     bb = _torch_backbone(bmeta, weights)
     st = verified_stages(bb)
     k = cut_index(st, n_unfreeze, bb.name)
     trunk, shape = export_trunk(bb, st, k)
     tmeta = {p.key: p.value for p in trunk.metadata_props}
-    trunk_path = Path(cache_root) / "trunks" / f"{tmeta[C.KEY_FINGERPRINT]}.onnx"
-    if not trunk_path.exists():
-        wb(trunk_path, trunk.SerializeToString())
-    per_image = int(np.prod(shape)) * 2
+    path = Path(cache_root) / "trunks" / f"{tmeta[C.KEY_FINGERPRINT]}.onnx"
+    if not path.exists():
+        write_bytes(path, trunk.SerializeToString())
+    per_image = int(np.prod(shape)) * 2  # float16
     log(f"cut {bb.name} before block {k} of {len(st.blocks)}: activation {shape}, "
-        f"{per_image / 1e3:.0f} kB per image in the cache, {per_image * len(ds.items) * (1 + augment) / 1e6:.0f} MB in all")
-    center = embed_folder(ds.root, trunk_path, cache_root, device=device, batch_size=batch_size, check_space=True)
-    log(f"trunk activations: {center.summary()}")
-    views = [center] + _aug_views(trunk_path, ds, split, augment, cache_root, device, batch_size, log, True)
+        f"{per_image / 1e3:.0f} kB per image in the cache, at most {per_image * images / 1e6:.0f} MB in all")
+    return Cut(bb, st, k, n_unfreeze, trunk, shape, path, tmeta)
+
+
+def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augment, cache_root, device,
+               torch_device, batch_size, log) -> Trained:
+    import torch
+
+    from . import head as head_mod
+    from .finetune import export_top, fit, tensor_batches, top_and_head
+
+    bb, st, k, shape, tmeta, n_unfreeze = cut.backbone, cut.stages, cut.block, cut.shape, cut.meta, cut.unfreeze
+    views = [center] + _aug_views(cut.path, ds, split, augment, cache_root, device, batch_size, log, True)
     x_train = np.concatenate([_rows(v, split.train) for v in views]).reshape(-1, *shape).astype(np.float16)
     y_all = np.concatenate([y_train] * len(views))
     x_val = _rows(center, split.val).reshape(-1, *shape)
@@ -218,7 +239,7 @@ def _train_top(n_unfreeze, bmeta, weights, train_bn, ds, split, y_train, y_val, 
     extra = {C.KEY_BACKBONE: bb.name, C.KEY_FINGERPRINT: tmeta[C.KEY_FINGERPRINT], C.KEY_CUT: tmeta[C.KEY_CUT],
              C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": n_unfreeze, "train_bn": train_bn})}
     top_model, diff = export_top(res.model, shape, ds.classes, extra)
-    return Trained(trunk, top_model, diff, res, f"last {n_unfreeze} blocks + {cfg.kind} head on cached activations"
+    return Trained(cut.trunk, top_model, diff, res, f"last {n_unfreeze} blocks + {cfg.kind} head on cached activations"
                    + (f", {augment} augmented views" if augment else ""))
 
 

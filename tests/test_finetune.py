@@ -94,9 +94,9 @@ def test_unfreeze_2_fuses_and_evaluates_exactly(data, tmp_path, tiny_onnx):
         assert np.abs(model.probabilities(x) - chained).max() <= 1e-4
     cut = json.loads(model.metadata[C.KEY_CUT])
     assert cut["unfreeze"] == 2 and cut["block"] == 3 and cut["blocks"] == 5
-    # the activation cache: float16, its own namespace, reused on the next run
+    # the activation cache: float16, its own namespace (one pass: no full-backbone embeddings made), reused
     ns = [json.loads(p.read_text()) for p in (tmp_path / "c").glob("*/namespace.json")]
-    assert sorted(n["dtype"] for n in ns) == ["float16", "float32"]
+    assert [n["dtype"] for n in ns] == ["float16"] and ns[0]["fingerprint"] == cut_fp(model)
     again = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", tmp_path / "o2",
                 "--unfreeze", "2")
     assert "trunk activations: 0 new" in again.output
@@ -173,6 +173,10 @@ def test_batchnorm_statistics_stay_frozen_by_default():
         top(x)
         after = {k: v for k, v in top.state_dict().items() if "running_mean" in k}
         assert any(not torch.equal(before[k], after[k]) for k in before) == changed
+
+
+def cut_fp(model):
+    return model.metadata[C.KEY_FINGERPRINT]
 
 
 def _shape(bb, st, k):
