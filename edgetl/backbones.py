@@ -26,8 +26,8 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from .errors import UnknownBackbone, WeightsUnavailable
-from .preprocess import Spec
+from edgetl.data.preprocess import Spec
+from edgetl.errors import UnknownBackbone, WeightsUnavailable
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 GRAPH_VERSION = "pooled/v1"  # bump when the exported graph changes meaning (invalidates caches)

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import EdgetlError
+from edgetl import __version__
+from edgetl.errors import EdgetlError
 
 DEFAULT_BACKBONE_ONNX = "exports/backbone.onnx"
 DEFAULT_CACHE = "exports/cache"
@@ -47,7 +47,7 @@ def main():
 @click.argument("pattern", default="*")
 def backbones(pattern):
     """List the backbones (optionally matching PATTERN, e.g. 'efficientnet*' or 'timm:resnet*')."""
-    from .backbones import describe
+    from edgetl.backbones import describe
 
     rows = describe(pattern)
     if not rows:
@@ -68,9 +68,11 @@ def backbones(pattern):
               help="Photos for the parity check (default: sample photos shipped with matplotlib).")
 def export_backbone_cmd(name, weights, output, check_images):
     """Export a frozen backbone to ONNX: uint8 image[N,H,W,3] → embedding[N,D], parity-checked."""
-    from . import backbones, export
-    from .files import writable_dir
     from pathlib import Path
+
+    from edgetl import backbones
+    from edgetl.export import torch_onnx as export
+    from edgetl.files import writable_dir
 
     writable_dir(Path(output).parent)
     r = export.export_backbone(backbones.get(name, weights), output, list(check_images) or None)
@@ -89,7 +91,7 @@ def export_backbone_cmd(name, weights, output, check_images):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
 def embed(data, backbone, cache, device, batch_size):
     """Compute and cache the embedding of every image under DATA (incremental, resumable)."""
-    from .embed import embed_folder
+    from edgetl.data.embed import embed_folder
 
     r = embed_folder(data, backbone, cache, device=device, batch_size=batch_size)
     report_embed(r)
@@ -134,8 +136,8 @@ def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patienc
                    label_smoothing, class_weights, val_fraction, seed, device, unfreeze, augment, train_bn, weights,
                    output):
     """Train a new softmax (or MLP) on cached embeddings and fuse it into one verified model.onnx."""
-    from .head import HeadConfig
-    from .train import default_out, train_head
+    from edgetl.train.heads import HeadConfig
+    from edgetl.train.orchestrate import default_out, train_head
 
     try:
         sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
@@ -164,7 +166,7 @@ def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patienc
               help="Photos for the parity check (default: sample photos shipped with matplotlib).")
 def fuse_cmd(backbone, head, output, check_images):
     """Fuse BACKBONE.onnx and HEAD.onnx into one model.onnx, verified against the chained pair."""
-    from .fuse import fuse_files
+    from edgetl.export.fuse import fuse_files
 
     worst, n = fuse_files(backbone, head, output, list(check_images) or None)
     click.echo(f"wrote {output}; fused vs chained max abs diff {worst:.1e} on {n} images")
@@ -179,7 +181,8 @@ def fuse_cmd(backbone, head, output, check_images):
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(model, data, split, device, as_json):
     """Accuracy, per-class metrics and confusion matrix of MODEL on DATA (model.onnx alone, no torch)."""
-    from . import report, runtime
+    from edgetl.deploy import runtime
+    from edgetl.quality import report
 
     m, skipped = runtime.evaluate(runtime.load_model(model, device), data, split)
     click.echo(report.dumps(m) if as_json else report.text(m))
@@ -198,7 +201,7 @@ def predict(model, paths, top_k, fmt, device):
     import csv
     import json
 
-    from . import runtime
+    from edgetl.deploy import runtime
 
     m = runtime.load_model(model, device)
     files = runtime.expand_paths(paths)
@@ -236,7 +239,7 @@ def predict(model, paths, top_k, fmt, device):
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
 def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device):
     """Classify live frames from a camera, a video, a stream or a folder (onnxruntime, no torch)."""
-    from . import live, runtime
+    from edgetl.deploy import live, runtime
 
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera INDEX or --source FILE|URL|FOLDER|GLOB")

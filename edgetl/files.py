@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from edgetl.errors import OutputError
 
 
 def writable_dir(path: str | os.PathLike) -> Path:

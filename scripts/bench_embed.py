@@ -30,9 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_folder import make  # noqa: E402
 
-from edgetl import backbones, export  # noqa: E402
-from edgetl.embed import embed_folder, open_backbone  # noqa: E402
-from edgetl.preprocess import load_image  # noqa: E402
+from edgetl import backbones  # noqa: E402
+from edgetl.data.embed import embed_folder, open_backbone  # noqa: E402
+from edgetl.data.preprocess import load_image  # noqa: E402
+from edgetl.export import torch_onnx as export  # noqa: E402
 
 
 def ceiling(onnx_path: Path, arrays: list[np.ndarray], batch: int) -> float:

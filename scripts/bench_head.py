@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch  # imported before any timing: the import is not training time
 
-from edgetl import backbones, export, fuse
+from edgetl import backbones
 from edgetl import contract as C
-from edgetl.head import HeadConfig, train
-from edgetl.runtime import session
+from edgetl.deploy.runtime import session
+from edgetl.export import fuse
+from edgetl.export import torch_onnx as export
+from edgetl.train.heads import HeadConfig, train
 
 
 def embeddings(n: int, dim: int, classes: int, seed: int = 0):

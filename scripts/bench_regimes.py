@@ -14,9 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgetl import backbones, export
-from edgetl.head import HeadConfig
-from edgetl.train import train_head
+from edgetl import backbones
+from edgetl.export import torch_onnx as export
+from edgetl.train.heads import HeadConfig
+from edgetl.train.orchestrate import train_head
 
 
 def main():

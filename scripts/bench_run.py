@@ -29,8 +29,10 @@ def make_model(work: Path) -> Path:
     import onnx
     import torch
 
-    from edgetl import backbones, export, fuse
+    from edgetl import backbones
     from edgetl import contract as C
+    from edgetl.export import fuse
+    from edgetl.export import torch_onnx as export
 
     export.export_backbone(backbones.get(), work / "backbone.onnx")
     b = onnx.load(str(work / "backbone.onnx"))
@@ -57,11 +59,11 @@ def main():
         w.write(cv2.resize(cv2.imread(str(files[i % len(files)])), (640, 480)))
     w.release()
 
-    from edgetl import contract as C
-    from edgetl import live, runtime
-    from edgetl.preprocess import frame_to_input
-
     import onnxruntime as ort
+
+    from edgetl import contract as C
+    from edgetl.data.preprocess import frame_to_input
+    from edgetl.deploy import live, runtime
 
     model = runtime.load_model(model_path, spin=False)  # as `edgetl run` loads it
     bare = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])  # the ceiling: defaults
@@ -90,7 +92,7 @@ def main():
           f"ratio {statistics.median(ratios):.2f} (per round {', '.join(f'{x:.2f}' for x in ratios)}; target >= 0.85)")
 
     probe = ("import time, sys, json; t = time.perf_counter(); import numpy, cv2, onnxruntime; "
-             "t1 = time.perf_counter(); import edgetl.runtime as rt, edgetl.live; t2 = time.perf_counter(); "
+             "t1 = time.perf_counter(); import edgetl.deploy.runtime as rt, edgetl.deploy.live; t2 = time.perf_counter(); "
              f"m = rt.load_model({str(model_path)!r}); m.predict_frame(numpy.zeros((480, 640, 3), numpy.uint8)); "
              "hwm = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024; "
              "print(json.dumps({'deps_s': t1 - t, 'edgetl_s': t2 - t1, 'rss_mb': hwm, "

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from edgetl import backbones
-from edgetl.data import scan
-from edgetl.embed import embed_folder
-from edgetl.finetune import top_and_head, cut_index, export_trunk, trunk_module, verified_stages
-from edgetl.preprocess import load_image
+from edgetl.data.embed import embed_folder
+from edgetl.data.preprocess import load_image
+from edgetl.data.scan import scan
+from edgetl.train.finetune import cut_index, export_trunk, top_and_head, trunk_module, verified_stages
 
 
 def main():

@@ -73,7 +73,7 @@ def tiny_backbone():
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_backbone):
-    from edgetl import export
+    from edgetl.export import torch_onnx as export
 
     out = tmp_path_factory.mktemp("tiny") / "backbone.onnx"
     export.export_backbone(tiny_backbone, out)
@@ -82,7 +82,8 @@ def tiny_onnx(tmp_path_factory, tiny_backbone):
 
 @pytest.fixture(scope="session")
 def lite0_onnx(tmp_path_factory):
-    from edgetl import backbones, export
+    from edgetl import backbones
+    from edgetl.export import torch_onnx as export
 
     out = tmp_path_factory.mktemp("lite0") / "backbone.onnx"
     export.export_backbone(backbones.get("efficientnet_lite0"), out)

@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import encode, photo
-from edgetl import cache as cache_mod
-from edgetl import data as data_mod
+
 from edgetl.cli import main
-from edgetl.embed import embed_batch, embed_folder, open_backbone
+from edgetl.data import cache as cache_mod
+from edgetl.data import scan as data_mod
+from edgetl.data.embed import embed_batch, embed_folder, open_backbone
 from edgetl.errors import DataError, ModelError
 
 
@@ -62,7 +62,8 @@ def test_cached_embeddings_equal_a_direct_run(tmp_path, make_dataset, tiny_onnx)
 def test_backbones_never_share_a_namespace(tmp_path, make_dataset, tiny_onnx, tiny_backbone):
     import torch
 
-    from edgetl import backbones, export
+    from edgetl import backbones
+    from edgetl.export import torch_onnx as export
 
     state = {k: v + 0.01 if v.is_floating_point() else v for k, v in tiny_backbone.model.state_dict().items()}
     torch.save(state, tmp_path / "other.pth")
@@ -187,7 +188,7 @@ def test_cli_embed_reports_and_suggests_next(tmp_path, make_dataset, tiny_onnx):
 
 
 def test_cli_cuda_without_gpu(tmp_path, make_dataset, tiny_onnx):
-    from edgetl.runtime import cuda_usable
+    from edgetl.deploy.runtime import cuda_usable
 
     if cuda_usable():
         pytest.skip("a usable GPU is present")

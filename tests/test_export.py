@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from edgetl import contract as C
-from edgetl import export
+from edgetl.data.preprocess import Spec, load_image
 from edgetl.errors import ParityError
-from edgetl.preprocess import Spec, load_image
+from edgetl.export import torch_onnx as export
 
 
 def _photos(folder, n):

@@ -6,12 +6,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgetl import backbones, runtime
+from edgetl import backbones
 from edgetl import contract as C
 from edgetl.cli import main
-from edgetl.finetune import CutError, top_and_head, cut_index, freeze_bn, stages, verified_stages
-from edgetl.preprocess import Spec, augment_view, decode_bgr, load_image
-from edgetl.train import AUTO_ALL_FROM, AUTO_HEAD_BELOW, choose_regime
+from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image
+from edgetl.deploy import runtime
+from edgetl.train.finetune import CutError, cut_index, freeze_bn, stages, top_and_head, verified_stages
+from edgetl.train.orchestrate import AUTO_ALL_FROM, AUTO_HEAD_BELOW, choose_regime
 
 
 def cli(*args):
@@ -24,9 +25,8 @@ def data(tmp_path_factory):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from PIL import Image
-
     from conftest import photo
+    from PIL import Image
 
     root = tmp_path_factory.mktemp("ft") / "data"
     for ci, cls in enumerate(["a", "b"]):
@@ -115,7 +115,7 @@ def test_cache_of_another_cut_point_is_refused(data, tmp_path, tiny_onnx):
 def test_cache_size_is_refused_when_the_disk_is_too_small(data, tmp_path, tiny_onnx, monkeypatch):
     import collections
 
-    import edgetl.embed as embed_mod
+    import edgetl.data.embed as embed_mod
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(embed_mod.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
@@ -188,7 +188,7 @@ def _shape(bb, st, k):
 
 
 def test_weights_must_match_the_exported_backbone(data, tmp_path, tiny_backbone):
-    from edgetl import export
+    from edgetl.export import torch_onnx as export
 
     state = {k: v + 0.01 if v.is_floating_point() else v for k, v in tiny_backbone.model.state_dict().items()}
     torch.save(state, tmp_path / "w.pth")

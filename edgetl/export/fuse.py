@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 
-from . import __version__
-from . import contract as C
-from .errors import ModelError, ParityError
+from edgetl import __version__
+from edgetl import contract as C
+from edgetl.errors import ModelError, ParityError
 
 
 def export_head(head, dim: int, classes: list[str], extra_meta: dict[str, str], atol: float = C.HEAD_ATOL):
@@ -22,9 +22,9 @@ def export_head(head, dim: int, classes: list[str], extra_meta: dict[str, str], 
     """
     import torch
 
-    from .export import check_parity, to_onnx
-    from .head import with_softmax
-    from .runtime import session
+    from edgetl.deploy.runtime import session
+    from edgetl.export.torch_onnx import check_parity, to_onnx
+    from edgetl.train.heads import with_softmax
 
     module = with_softmax(head)
     meta = {C.KEY_FORMAT: C.FORMAT_HEAD, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes),
@@ -44,7 +44,7 @@ def fuse(backbone, head):
     import onnx
     from onnx import compose
 
-    from .export import set_metadata, sha256_bytes
+    from edgetl.export.torch_onnx import set_metadata, sha256_bytes
 
     bm, hm = _meta(backbone), _meta(head)
     pairs = {C.FORMAT_BACKBONE: C.FORMAT_HEAD, C.FORMAT_TRUNK: C.FORMAT_TOP}
@@ -93,8 +93,8 @@ def check_fused(fused, backbone, head, batches, atol: float = C.FUSE_ATOL) -> tu
 
     Returns (max abs diff, images checked, the fused probabilities per batch).
     """
-    from .export import max_abs_diff
-    from .runtime import session
+    from edgetl.deploy.runtime import session
+    from edgetl.export.torch_onnx import max_abs_diff
 
     sf, sb, sh = (session(m.SerializeToString(), "cpu") for m in (fused, backbone, head))
     link = backbone.graph.output[0].name
@@ -114,9 +114,9 @@ def check_fused(fused, backbone, head, batches, atol: float = C.FUSE_ATOL) -> tu
 
 def load(path, kind: str | tuple[str, ...]):
     """Load an ONNX file and check it is the edgetl artifact `kind` (or one of several); ModelError otherwise."""
-    import onnx
-
     from pathlib import Path
+
+    import onnx
 
     p = Path(path)
     if not p.is_file():
@@ -133,9 +133,9 @@ def load(path, kind: str | tuple[str, ...]):
 
 def fuse_files(first_path, second_path, out, check_images: list[str] | None = None) -> tuple[float, int]:
     """`edgetl fuse`: backbone+head (or trunk+top) files → a checked model file. (max abs diff, images)."""
-    from .export import check_batches, default_check_images
-    from .files import write_bytes
-    from .preprocess import Spec, load_image
+    from edgetl.data.preprocess import Spec, load_image
+    from edgetl.export.torch_onnx import check_batches, default_check_images
+    from edgetl.files import write_bytes
 
     first = load(first_path, (C.FORMAT_BACKBONE, C.FORMAT_TRUNK))
     second = load(second_path, C.FORMAT_TOP if _meta(first).get(C.KEY_FORMAT) == C.FORMAT_TRUNK else C.FORMAT_HEAD)

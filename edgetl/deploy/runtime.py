@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract as C
-from .errors import EdgetlError, ModelError
-from .preprocess import Spec, frame_to_input, load_image
+from edgetl import contract as C
+from edgetl.data.preprocess import Spec, frame_to_input, load_image
+from edgetl.errors import EdgetlError, ModelError
 
 _CUDA_OK: bool | None = None
 
@@ -161,10 +161,10 @@ def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_s
     split: "auto" (the val/ split when the folder has one, else every image), "all", "train", "val".
     Returns (metrics dict, skipped [(path, reason)]). Torch-free.
     """
-    from .data import scan
-    from .errors import DataError
-    from .pipeline import image_batches
-    from .report import metrics
+    from edgetl.data.pipeline import image_batches
+    from edgetl.data.scan import scan
+    from edgetl.errors import DataError
+    from edgetl.quality.report import metrics
 
     ds = scan(data)
     if not ds.classes:
@@ -191,8 +191,8 @@ def expand_paths(patterns) -> list[Path]:
     """Files, folders (every image below) and globs → image paths, in a stable order."""
     import glob
 
-    from .data import looks_like_image
-    from .errors import DataError
+    from edgetl.data.scan import looks_like_image
+    from edgetl.errors import DataError
 
     out: list[Path] = []
     for pat in patterns:
@@ -211,7 +211,7 @@ def expand_paths(patterns) -> list[Path]:
 
 def predict(model: Model, paths: list[Path], top_k: int = 1, batch_size: int = 32):
     """Yield (path, [(class, probability)…top_k] or None, error or None) per image, in order."""
-    from .pipeline import image_batches
+    from edgetl.data.pipeline import image_batches
 
     k = max(1, min(top_k, len(model.classes)))
     for ok, batch, errors in image_batches(list(enumerate(paths)), model.spec, batch_size, path=lambda t: t[1]):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import contract as C
-from .errors import ParityError
-from .files import write_bytes, writable_dir
-from .preprocess import Spec, load_image
+from edgetl import __version__
+from edgetl import contract as C
+from edgetl.data.preprocess import Spec, load_image
+from edgetl.errors import ParityError
+from edgetl.files import writable_dir, write_bytes
 
 
 def image_module(backbone):
@@ -136,7 +136,7 @@ def export_backbone(backbone, out: str | os.PathLike, check_images: list[str] | 
     """
     import torch
 
-    from .runtime import session
+    from edgetl.deploy.runtime import session
 
     out = Path(out)
     writable_dir(out.parent)  # fail before the slow part

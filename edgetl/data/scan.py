@@ -6,8 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .errors import DataError
-from .preprocess import IMAGE_SUFFIXES
+from edgetl.data.preprocess import IMAGE_SUFFIXES
+from edgetl.errors import DataError
 
 SPLITS = ("train", "val", "test")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",

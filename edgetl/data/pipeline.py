@@ -46,8 +46,8 @@ def image_batches(paths: list, spec, batch_size: int = 32, workers: int | None =
     """
     import numpy as np
 
-    from .errors import ImageError
-    from .preprocess import load_image
+    from edgetl.data.preprocess import load_image
+    from edgetl.errors import ImageError
 
     def load(p):
         try:

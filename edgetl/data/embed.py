@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract as C
-from .cache import Namespace, image_key, open_for_backbone
-from .data import Dataset, scan
-from .errors import CacheError, ImageError, ModelError
-from .pipeline import prefetch_map
-from .preprocess import Spec, augment_view, decode_bgr, load_image, view_seed
-from .runtime import read_metadata, session
+from edgetl import contract as C
+from edgetl.data.cache import Namespace, image_key, open_for_backbone
+from edgetl.data.pipeline import prefetch_map
+from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image, view_seed
+from edgetl.data.scan import Dataset, scan
+from edgetl.deploy.runtime import read_metadata, session
+from edgetl.errors import CacheError, ImageError, ModelError
 
 
 def embed_batch(sess, spec: Spec, images) -> np.ndarray:

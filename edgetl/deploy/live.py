@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgetlError
-from .preprocess import decode_bgr, frame_to_input
+from edgetl.data.preprocess import decode_bgr, frame_to_input
+from edgetl.errors import EdgetlError
 
 UNKNOWN = "unknown"
 
@@ -40,7 +40,7 @@ class SourceError(EdgetlError):
 
 
 def _cv2():
-    from .preprocess import _cv2 as get
+    from edgetl.data.preprocess import _cv2 as get
 
     return get()
 
@@ -189,7 +189,7 @@ class Capture:
 
 def resolve_source(camera: int | None, source: str | None):
     """(kind, target, latest_only) for --camera/--source. kind: camera | file | stream | files."""
-    from .runtime import expand_paths
+    from edgetl.deploy.runtime import expand_paths
 
     if camera is not None:
         return "camera", camera, True
@@ -205,7 +205,7 @@ def resolve_source(camera: int | None, source: str | None):
         return "files", files, False
     if not p.exists():
         raise SourceError(f"no such file: {source}")
-    from .data import image_by_content
+    from edgetl.data.scan import image_by_content
 
     return ("files", [p], False) if image_by_content(p) else ("file", p, False)
 
@@ -368,7 +368,7 @@ class _Writer:
 
 def _writer(path: str, fps: float, size: tuple[int, int]) -> _Writer:
     cv2 = _cv2()
-    from .files import writable_dir
+    from edgetl.files import writable_dir
 
     writable_dir(Path(path).parent)
     fourcc = cv2.VideoWriter_fourcc(*("mp4v" if Path(path).suffix.lower() in (".mp4", ".m4v", ".mov") else "MJPG"))

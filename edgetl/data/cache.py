@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheError
-from .files import write_bytes, writable_dir
+from edgetl.errors import CacheError
+from edgetl.files import writable_dir, write_bytes
 
 FORMAT = 1
 KEY_BYTES = 32
@@ -164,7 +164,7 @@ class Namespace:
 def open_for_backbone(root: str | os.PathLike, backbone_meta: dict[str, str], view: str = "center",
                       create: bool = True) -> Namespace:
     """The namespace for an exported backbone.onnx, from its metadata."""
-    from . import contract as C
+    from edgetl import contract as C
 
     trunk = backbone_meta.get(C.KEY_FORMAT) == C.FORMAT_TRUNK
     try:

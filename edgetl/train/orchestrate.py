@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import contract as C
-from .errors import DataError
-from .files import write_bytes, write_text, writable_dir
-from .head import HeadConfig
+from edgetl import __version__
+from edgetl import contract as C
+from edgetl.errors import DataError
+from edgetl.files import writable_dir, write_bytes, write_text
+from edgetl.train.heads import HeadConfig
 
 # --unfreeze auto: images per class (the smallest class's training count) → regime. Measured on the
 # shared datasets (see README, "Choosing a regime"); the classic rule of thumb made concrete.
@@ -90,8 +90,8 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
                val_fraction: float = 0.2, batch_size: int = 32, unfreeze: str = "0", augment: int = 0,
                train_bn: bool = False, weights: str | None = None, log=lambda s: None) -> dict:
     """Run the whole second step; returns the training summary (also written as metrics.json)."""
-    from . import fuse
-    from .data import scan
+    from edgetl.data.scan import scan
+    from edgetl.export import fuse
 
     scanned = scan(data)  # refuse unusable data before any work
     check_classes(scanned, list(range(len(scanned.items))))
@@ -108,7 +108,7 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     if unfreeze not in ("0", "all"):  # embed with the trunk straight away: one pass over the images
         cut = _cut(int(unfreeze), bmeta, weights, cache_root, len(scanned.items) * (1 + augment), log)
 
-    from .embed import embed_folder
+    from edgetl.data.embed import embed_folder
 
     r = embed_folder(scanned, cut.path if cut else backbone_path, cache_root, device=device,
                      batch_size=batch_size, check_space=cut is not None)
@@ -141,7 +141,7 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
 
 def _aug_views(model_path, ds, split, augment, cache_root, device, batch_size, log, check_space=False):
     """Bring the cache up to date for K augmented views of the training images (one namespace each)."""
-    from .embed import embed_folder
+    from edgetl.data.embed import embed_folder
 
     views = []
     for v in range(augment):
@@ -158,8 +158,8 @@ def _rows(r, idx) -> np.ndarray:
 
 def _train_frozen(r, backbone, bmeta, backbone_path, ds, split, y_train, y_val, cfg, augment, cache_root, device,
                   torch_device, batch_size, log) -> Trained:
-    from . import fuse
-    from .head import train
+    from edgetl.export import fuse
+    from edgetl.train.heads import train
 
     views = [r] + _aug_views(backbone_path, ds, split, augment, cache_root, device, batch_size, log)
     x_train = np.concatenate([_rows(v, split.train) for v in views])
@@ -173,8 +173,8 @@ def _train_frozen(r, backbone, bmeta, backbone_path, ds, split, y_train, y_val, 
 
 
 def _torch_backbone(bmeta, weights):
-    from . import backbones
-    from .finetune import check_weights
+    from edgetl import backbones
+    from edgetl.train.finetune import check_weights
 
     bb = backbones.get(bmeta[C.KEY_BACKBONE], weights)
     check_weights(bb, bmeta)
@@ -195,7 +195,7 @@ class Cut:
 
 def _cut(n_unfreeze: int, bmeta, weights, cache_root, images: int, log) -> Cut:
     """Cut the PyTorch backbone before its last N blocks; export (and keep) the checked trunk."""
-    from .finetune import cut_index, export_trunk, verified_stages
+    from edgetl.train.finetune import cut_index, export_trunk, verified_stages
 
     bb = _torch_backbone(bmeta, weights)
     st = verified_stages(bb)
@@ -215,8 +215,8 @@ def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augme
                torch_device, batch_size, log) -> Trained:
     import torch
 
-    from . import head as head_mod
-    from .finetune import export_top, fit, tensor_batches, top_and_head
+    from edgetl.train import heads as head_mod
+    from edgetl.train.finetune import export_top, fit, tensor_batches, top_and_head
 
     bb, st, k, shape, tmeta, n_unfreeze = cut.backbone, cut.stages, cut.block, cut.shape, cut.meta, cut.unfreeze
     views = [center] + _aug_views(cut.path, ds, split, augment, cache_root, device, batch_size, log, True)
@@ -247,12 +247,12 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
                torch_device, batch_size, log) -> Trained:
     import torch
 
-    from . import fuse
-    from . import head as head_mod
-    from .export import image_module, to_onnx
-    from .finetune import fit
-    from .pipeline import prefetch_map
-    from .preprocess import augment_view, decode_bgr, load_image
+    from edgetl.data.pipeline import prefetch_map
+    from edgetl.data.preprocess import augment_view, decode_bgr, load_image
+    from edgetl.export import fuse
+    from edgetl.export.torch_onnx import image_module, to_onnx
+    from edgetl.train import heads as head_mod
+    from edgetl.train.finetune import fit
 
     bb = _torch_backbone(bmeta, weights)
     spec = bb.spec
@@ -316,7 +316,7 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
     res = fit(model, train_batches, val_batches, y_val, len(ds.classes), y_train, params, cfg, epochs=epochs,
               patience=min(cfg.patience, 4), train_bn=train_bn, device=dev, log=progress)
     # Export the fine-tuned network as a new backbone (its own fingerprint) and the head, then fuse.
-    from .backbones import state_sha256
+    from edgetl.backbones import state_sha256
 
     tuned = dataclasses.replace(bb, model=model.features.features)
     tuned.model.eval()
@@ -338,10 +338,11 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
     import onnxruntime
     import torch
 
-    from . import fuse, report
-    from .export import set_metadata, sha256_bytes
-    from .pipeline import image_batches
-    from .preprocess import Spec
+    from edgetl.data.pipeline import image_batches
+    from edgetl.data.preprocess import Spec
+    from edgetl.export import fuse
+    from edgetl.export.torch_onnx import set_metadata, sha256_bytes
+    from edgetl.quality import report
 
     fmeta = {p.key: p.value for p in fused.metadata_props}
     spec = Spec.from_json(fmeta[C.KEY_PREPROCESS])

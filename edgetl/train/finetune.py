@@ -15,8 +15,8 @@ import json
 
 import numpy as np
 
-from . import contract as C
-from .errors import DataError, EdgetlError
+from edgetl import contract as C
+from edgetl.errors import DataError, EdgetlError
 
 
 class CutError(EdgetlError):
@@ -93,7 +93,7 @@ def trunk_module(backbone, st: Stages, k: int):
     """uint8 NHWC image → normalise → stem → blocks[:k] → activation map (frozen)."""
     import torch
 
-    from .export import image_module
+    from edgetl.export.torch_onnx import image_module
 
     return image_module(dataclasses.replace(backbone, model=torch.nn.Sequential(st.stem, *st.blocks[:k]))).eval()
 
@@ -123,10 +123,10 @@ def export_trunk(backbone, st: Stages, k: int, atol: float = C.EXPORT_ATOL):
     """The frozen trunk as a checked onnx.ModelProto: image → activation [N, C, h, w]."""
     import torch
 
-    from . import __version__
-    from .export import check_batches, check_parity, default_check_images, to_onnx
-    from .preprocess import load_image
-    from .runtime import session
+    from edgetl import __version__
+    from edgetl.data.preprocess import load_image
+    from edgetl.deploy.runtime import session
+    from edgetl.export.torch_onnx import check_batches, check_parity, default_check_images, to_onnx
 
     module = trunk_module(backbone, st, k)
     h, w = backbone.spec.input_size
@@ -147,10 +147,10 @@ def export_top(top, shape: list[int], classes: list[str], extra_meta: dict[str, 
     """Trained blocks + head as a checked onnx.ModelProto: activation → probabilities."""
     import torch
 
-    from . import __version__
-    from .export import check_parity, to_onnx
-    from .head import with_softmax
-    from .runtime import session
+    from edgetl import __version__
+    from edgetl.deploy.runtime import session
+    from edgetl.export.torch_onnx import check_parity, to_onnx
+    from edgetl.train.heads import with_softmax
 
     module = with_softmax(top)
     meta = {C.KEY_FORMAT: C.FORMAT_TOP, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes), **extra_meta}
@@ -183,7 +183,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     import torch
     import torch.nn.functional as F
 
-    from .head import Fit, class_weights
+    from edgetl.train.heads import Fit, class_weights
 
     t0 = time.perf_counter()
     # channels-last is much faster for depthwise convolutions on CPUs (about 1.6x for a training step)

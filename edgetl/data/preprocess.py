@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageError
+from edgetl.errors import ImageError
 
 # OpenCV refuses images above this many pixels; we check headers ourselves first.
 MAX_PIXELS = 200_000_000

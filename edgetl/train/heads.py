@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .errors import DataError
+from edgetl.errors import DataError
 
 
 @dataclasses.dataclass

@@ -88,7 +88,7 @@ def plot_curves(history: dict, best_epoch: int, path) -> None:
 def _save(fig, path) -> None:
     import io
 
-    from .files import write_bytes
+    from edgetl.files import write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -108,7 +108,7 @@ def model_card(s: dict) -> str:
 
 Image classifier for {len(m['classes'])} classes: {', '.join(m['classes'])}.
 One file, `model.onnx`: input `uint8 image[N,{s['input_size'][0]},{s['input_size'][1]},3]` (RGB, resized and
-centre-cropped by `edgetl.preprocess.load_image`), output `float32 probabilities[N,{len(m['classes'])}]`.
+centre-cropped by `edgetl.data.preprocess.load_image`), output `float32 probabilities[N,{len(m['classes'])}]`.
 
 ## Data
 {s['data']} ({s['split_note']})
@@ -144,7 +144,7 @@ Fused model vs backbone-then-head on {s['parity_images']} validation images: max
     edgetl predict model.onnx photo.jpg
     edgetl run --model model.onnx --camera 0
 
-Needs only onnxruntime, numpy and OpenCV (`edgetl.runtime`).
+Needs only onnxruntime, numpy and OpenCV (`edgetl.deploy`).
 """
 
 

@@ -1,0 +1,1 @@
+"""Quality: metrics, plots and the model card."""
