@@ -184,7 +184,7 @@ def evaluate(model, data, split, device, as_json):
     from edgetl.deploy import runtime
     from edgetl.quality import report
 
-    m, skipped = runtime.evaluate(runtime.load_model(model, device), data, split)
+    m, skipped, _ = runtime.evaluate(runtime.load_model(model, device), data, split)
     click.echo(report.dumps(m) if as_json else report.text(m))
     if skipped:
         click.echo(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][1]}", err=True)

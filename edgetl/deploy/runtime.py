@@ -155,16 +155,23 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
     return Model(str(p), sess, classes, spec, meta)
 
 
-def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_size: int = 32):
-    """Accuracy, per-class metrics and confusion matrix of `model` on a labelled folder.
+@dataclasses.dataclass
+class Selection:
+    """The labelled images of a folder that one split of a model's data stands for."""
 
-    split: "auto" (the val/ split when the folder has one, else every image), "all", "train", "val".
-    Returns (metrics dict, skipped [(path, reason)]). Torch-free.
+    items: list  # data.scan.Item, each with a label among the model's classes
+    split: str  # "val" | "train" | "all"
+    note: str  # one line for the user: what was selected and why
+
+
+def select_split(model: Model, data: str | os.PathLike, split: str = "auto") -> Selection:
+    """The images of `data` in `split` ("auto", "val", "train" or "all") for `model`.
+
+    auto: the validation split (the folder's val/ when it has one), else every image.
+    DataError when the folder has no classes, the split is empty, or a class is not the model's.
     """
-    from edgetl.data.pipeline import image_batches
     from edgetl.data.scan import scan
     from edgetl.errors import DataError
-    from edgetl.quality.report import metrics
 
     ds = scan(data)
     if not ds.classes:
@@ -177,14 +184,26 @@ def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_s
     unknown = sorted({it.label for it in items} - set(model.classes))
     if unknown:
         raise DataError(f"class {unknown[0]!r} of {data} is not one of the model's classes ({', '.join(model.classes)})")
-    label_of = {it.path: model.classes.index(it.label) for it in items}
+    return Selection(items, split, f"{len(items)} images ({split})")
+
+
+def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_size: int = 32):
+    """Accuracy, per-class metrics and confusion matrix of `model` on a labelled folder.
+
+    split: as `select_split`. Returns (metrics dict, skipped [(path, reason)], Selection). Torch-free.
+    """
+    from edgetl.data.pipeline import image_batches
+    from edgetl.quality.report import metrics
+
+    sel = select_split(model, data, split)
+    label_of = {it.path: model.classes.index(it.label) for it in sel.items}
     y_true, y_pred, skipped = [], [], []
-    for paths, batch, errors in image_batches([it.path for it in items], model.spec, batch_size):
+    for paths, batch, errors in image_batches([it.path for it in sel.items], model.spec, batch_size):
         skipped += errors
         if batch is not None:
             y_pred += model.probabilities(batch).argmax(1).tolist()
             y_true += [label_of[p] for p in paths]
-    return metrics(y_true, y_pred, model.classes), skipped
+    return metrics(y_true, y_pred, model.classes), skipped, sel
 
 
 def expand_paths(patterns) -> list[Path]:
