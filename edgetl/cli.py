@@ -120,7 +120,10 @@ def report_embed(r) -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(0))
 @click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
-@click.option("--class-weights/--no-class-weights", default=True, show_default=True)
+@click.option("--balance", default="weighted", show_default=True, type=click.Choice(["weighted", "sampler", "none"]),
+              help="How classes of different sizes are balanced: weighted loss (every class weighs the same), "
+                   "class-balanced batches, or none.")
+@click.option("--no-class-weights", "no_class_weights", is_flag=True, hidden=True, help="Same as --balance none.")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
               help="Used when DATA has no val/ split.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -133,9 +136,10 @@ def report_embed(r) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False), help="The --weights FILE the backbone was exported with.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder [default: exports/<DATA name>].")
 def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patience, lr, weight_decay,
-                   label_smoothing, class_weights, val_fraction, seed, device, unfreeze, augment, train_bn, weights,
+                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, augment, train_bn, weights,
                    output):
     """Train a new softmax (or MLP) on cached embeddings and fuse it into one verified model.onnx."""
+    from edgetl.quality import report
     from edgetl.train.heads import HeadConfig
     from edgetl.train.orchestrate import default_out, train_head
 
@@ -144,7 +148,7 @@ def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patienc
     except ValueError:
         raise click.BadParameter(f"{hidden!r} is not a comma list of sizes", param_hint="--hidden") from None
     cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
-                     label_smoothing=label_smoothing, class_weights=class_weights, max_epochs=epochs,
+                     label_smoothing=label_smoothing, balance="none" if no_class_weights else balance, max_epochs=epochs,
                      patience=patience, seed=seed)
     if unfreeze not in ("all", "auto") and not unfreeze.isdigit():
         raise click.BadParameter(f"{unfreeze!r}: use 0, a number of blocks, all or auto", param_hint="--unfreeze")
@@ -152,10 +156,20 @@ def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patienc
                    unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights,
                    log=lambda line: click.echo(line, err=True))
     m = s["metrics"]
-    click.echo(f"wrote {s['out'] / 'model.onnx'} ({s['regime']}): {len(m['classes'])} classes, "
-               f"val accuracy {m['accuracy']:.4f} "
-               f"({m['correct']}/{m['n']}); fused vs chained max abs diff {s['fuse_max_abs_diff']:.1e}")
-    click.echo(f"next: edgetl run --model {s['out'] / 'model.onnx'} --camera 0")
+    model = s["out"] / "model.onnx"
+    click.echo(f"wrote {model} ({s['regime']}): {len(m['classes'])} classes, "
+               + (f"val {report.headline(m)}" if m["n"] else "no validation photos (accuracy not measured)")
+               + f"; fused vs chained max abs diff {s['fuse_max_abs_diff']:.1e}")
+    for line in s["warnings"]:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(f"next: edgetl run --model {q(model)} --camera 0")
+
+
+def q(path) -> str:
+    """A path as the user can paste it into a shell."""
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 @main.command("fuse")
@@ -175,8 +189,9 @@ def fuse_cmd(backbone, head, output, check_images):
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
-@click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "all", "train", "val"]),
-              help="auto: val/ when DATA has it, else every image.")
+@click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "val", "train", "test", "all"]),
+              help="auto/val: DATA's val/ folder, else the validation photos recorded in the model (photos it was "
+                   "never trained on); train: its training photos; all: every photo (says how many were trained on).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(model, data, split, device, as_json):
@@ -184,8 +199,14 @@ def evaluate(model, data, split, device, as_json):
     from edgetl.deploy import runtime
     from edgetl.quality import report
 
-    m, skipped, _ = runtime.evaluate(runtime.load_model(model, device), data, split)
-    click.echo(report.dumps(m) if as_json else report.text(m))
+    m, skipped, sel = runtime.evaluate(runtime.load_model(model, device), data, split)
+    if as_json:
+        click.echo(report.dumps({**m, "scored": sel.note, "trained_on": sel.trained_on}))
+    else:
+        lines = report.text(m).split("\n")
+        click.echo("\n".join([lines[0], f"scored: {sel.note}"] + lines[1:]))
+        for line in report.warnings(m):
+            click.echo(f"warning: {line}", err=True)
     if skipped:
         click.echo(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][1]}", err=True)
 

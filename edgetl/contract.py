@@ -29,6 +29,7 @@ KEY_HEAD = "edgetl.head"  # JSON description of the head
 KEY_HEAD_SHA256 = "edgetl.head_sha256"
 KEY_BACKBONE_SHA256 = "edgetl.backbone_sha256"
 KEY_TRAINING = "edgetl.training"  # JSON summary of training
+KEY_SPLIT = "edgetl.split"  # JSON {"note", "n_train", "n_val", "train", "val"}: content keys of the photos (data/split.py)
 KEY_CUT = "edgetl.cut"  # JSON {"unfreeze": N, "block": k, "blocks": B, "shape": [C, h, w]} of a trunk
 
 FORMAT_BACKBONE = "backbone"

@@ -33,7 +33,7 @@ def trained(tmp_path, make_dataset, tiny_onnx):
 def test_train_head_writes_everything_and_evaluate_agrees(trained):
     data, out, r = trained
     assert {p.name for p in out.iterdir()} == {"head.onnx", "model.onnx", "metrics.json", "confusion.png",
-                                               "curves.png", "MODEL_CARD.md", "split.json"}
+                                               "curves.png", "MODEL_CARD.md", "split.json", ".edgetl"}
     metrics = json.loads((out / "metrics.json").read_text())
     reported = float(r.output.split("val accuracy ")[1].split()[0])
     assert abs(metrics["metrics"]["accuracy"] - reported) < 1e-4
@@ -97,8 +97,9 @@ def test_dataset_val_split_is_used(tmp_path, make_dataset, tiny_onnx):
     assert m["counts"] == {"train": {"a": 8, "b": 8}, "val": {"a": 3, "b": 2}}
     assert m["head"]["hidden"] == [32, 16]
     ev = cli("evaluate", out / "model.onnx", root)
-    assert ev.exit_code == 0 and ev.output.splitlines()[0] == f"accuracy {m['metrics']['accuracy']:.4f} " \
-                                                            f"({m['metrics']['correct']}/5)"
+    assert ev.exit_code == 0
+    assert ev.output.splitlines()[0].startswith(f"accuracy {m['metrics']['accuracy']:.4f} ({m['metrics']['correct']}/5), ")
+    assert ev.output.splitlines()[1] == f"scored: the val/ folder of {root}"
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from edgetl.data.cache import Namespace, image_key, open_for_backbone
 from edgetl.data.pipeline import prefetch_map
 from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image, view_seed
 from edgetl.data.scan import Dataset, scan
-from edgetl.deploy.runtime import read_metadata, session
+from edgetl.deploy.runtime import check_io, read_metadata, session
 from edgetl.errors import CacheError, ImageError, ModelError
 
 
@@ -34,7 +34,12 @@ def embed_batch(sess, spec: Spec, images) -> np.ndarray:
 
 
 def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | None = None, spin: bool = True):
-    """(session, spec, metadata) for an exported backbone.onnx; ModelError if it is not one."""
+    """(session, spec, metadata) for an exported backbone.onnx or trunk.onnx; ModelError if it is not one.
+
+    The metadata is checked against the graph (input uint8 [N,H,W,3] at the stated size, output of the
+    stated size), and metadata["graph_sha256"] is the hash of the graph itself: the cache is keyed by
+    what the file computes, not only by what it claims.
+    """
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"backbone not found: {p} (run `edgetl export-backbone` first)")
@@ -42,7 +47,20 @@ def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | 
     meta = read_metadata(sess)
     if meta.get(C.KEY_FORMAT) not in (C.FORMAT_BACKBONE, C.FORMAT_TRUNK):
         raise ModelError(f"{p} is not an edgetl backbone (export one with `edgetl export-backbone`)")
-    return sess, Spec.from_json(meta[C.KEY_PREPROCESS]), meta
+    spec = check_io(sess, meta, p, C.ACTIVATION if meta[C.KEY_FORMAT] == C.FORMAT_TRUNK else C.EMBEDDING)
+    return sess, spec, {**meta, "graph_sha256": graph_sha256(p)}
+
+
+def graph_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of an ONNX file's graph (weights included, metadata excluded)."""
+    import hashlib
+
+    import onnx
+
+    try:
+        return hashlib.sha256(onnx.load(str(path), load_external_data=False).graph.SerializeToString()).hexdigest()
+    except Exception:  # noqa: BLE001 - onnxruntime loaded it; onnx could not parse it
+        raise ModelError(f"{path}: cannot read its graph") from None
 
 
 @dataclasses.dataclass
@@ -102,7 +120,7 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     t0 = time.perf_counter()
     sess, spec, meta = open_backbone(backbone, device, threads, spin)
     ds = data if isinstance(data, Dataset) else scan(data)
-    ns = open_for_backbone(cache_root, meta, view)
+    ns = open_for_backbone(cache_root, meta, view, graph_sha256=meta["graph_sha256"])
     out_name = sess.get_outputs()[0].name
     wanted = range(len(ds.items)) if only is None else sorted(only)
     if check_space:

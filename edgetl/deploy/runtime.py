@@ -134,7 +134,8 @@ class Model:
 
 def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None,
                spin: bool = True) -> Model:
-    """Load an edgetl model.onnx; ModelError when it is missing, not ONNX, or not an edgetl model.
+    """Load an edgetl model.onnx; ModelError when it is missing, not ONNX, not an edgetl model, or its
+    metadata does not match its graph (class names, input size, preprocessing).
 
     spin=False suits loops where another thread (capture, decoding) needs the CPU between runs.
     """
@@ -147,12 +148,58 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
         kind = meta.get(C.KEY_FORMAT)
         what = f"an edgetl {kind}, not a fused model" if kind else "not an edgetl model (no edgetl metadata)"
         raise ModelError(f"{p}: {what}")
+    spec = check_io(sess, meta, p, C.PROBABILITIES)
+    n_out = _static(sess.get_outputs()[0].shape, 1)
     try:
         classes = json.loads(meta[C.KEY_CLASSES])
-        spec = Spec.from_json(meta[C.KEY_PREPROCESS])
     except (KeyError, ValueError) as e:
-        raise ModelError(f"{p}: edgetl metadata is incomplete ({e})") from None
+        raise ModelError(f"{p}: edgetl metadata is incomplete (classes: {e})") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ModelError(f"{p}: the class names in its metadata are not a list of names")
+    if len(set(classes)) != len(classes):
+        raise ModelError(f"{p}: its metadata repeats a class name")
+    if n_out is not None and len(classes) != n_out:
+        raise ModelError(f"{p}: its metadata names {len(classes)} classes but the graph outputs {n_out} "
+                         "probabilities; the file was altered")
     return Model(str(p), sess, classes, spec, meta)
+
+
+def _static(shape, axis: int) -> int | None:
+    v = shape[axis] if len(shape) > axis else None
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def check_io(sess, meta: dict[str, str], path, output: str) -> Spec:
+    """The preprocessing spec of an edgetl artifact, checked against its graph: one input `image`
+    uint8 [N, H, W, 3] at the spec's size, one float output `output`. ModelError (one line) otherwise."""
+    try:
+        spec = Spec.from_json(meta[C.KEY_PREPROCESS])
+    except KeyError:
+        raise ModelError(f"{path}: edgetl metadata is incomplete (no preprocessing spec)") from None
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{path}: its preprocessing metadata is invalid ({e})") from None
+    ins, outs = sess.get_inputs(), sess.get_outputs()
+    if len(ins) != 1 or ins[0].name != C.IMAGE or ins[0].type != "tensor(uint8)" or len(ins[0].shape) != 4:
+        got = ", ".join(f"{i.name} {i.type}" for i in ins)
+        raise ModelError(f"{path}: its graph does not take {C.IMAGE} uint8[N,H,W,3] (it takes {got})")
+    h, w, ch = (_static(ins[0].shape, a) for a in (1, 2, 3))
+    if ch != 3 or (h, w) != tuple(spec.input_size):
+        raise ModelError(f"{path}: its metadata says input {spec.input_size[0]}x{spec.input_size[1]} but the graph "
+                         f"takes {ins[0].shape[1]}x{ins[0].shape[2]}x{ins[0].shape[3]}")
+    if len(outs) != 1 or outs[0].name != output or "float" not in outs[0].type:
+        got = ", ".join(f"{o.name} {o.type}" for o in outs)
+        raise ModelError(f"{path}: its graph does not output {output} (it outputs {got})")
+    dim = meta.get(C.KEY_EMBEDDING_DIM)
+    if output == C.EMBEDDING and dim is not None and _static(outs[0].shape, 1) not in (None, _int(dim)):
+        raise ModelError(f"{path}: its metadata says embeddings of size {dim} but the graph outputs {outs[0].shape}")
+    return spec
+
+
+def _int(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclasses.dataclass
@@ -160,15 +207,49 @@ class Selection:
     """The labelled images of a folder that one split of a model's data stands for."""
 
     items: list  # data.scan.Item, each with a label among the model's classes
-    split: str  # "val" | "train" | "all"
-    note: str  # one line for the user: what was selected and why
+    split: str  # "val" | "train" | "test" | "all"
+    note: str  # one line for the user: what was scored and why
+    trained_on: int | None = None  # how many selected photos the model was trained on (None: unknown)
+
+
+def recorded_split(model: Model) -> dict | None:
+    """The split train-head recorded in the model: {"train": set of key prefixes, "val": …, "note": …}."""
+    from edgetl.data.split import decode_keys
+
+    raw = model.metadata.get(C.KEY_SPLIT)
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        return {"train": decode_keys(d["train"]), "val": decode_keys(d["val"]), "note": str(d.get("note", ""))}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{model.path}: the recorded split is unreadable ({e})") from None
+
+
+def _content_keys(items) -> list[bytes | None]:
+    """The short content key of each item's file (None if unreadable)."""
+    import hashlib
+
+    from edgetl.data.pipeline import prefetch_map
+    from edgetl.data.split import short
+
+    def key(it):
+        try:
+            with open(it.path, "rb") as f:
+                return short(hashlib.sha256(f.read()).digest())
+        except OSError:
+            return None
+
+    return [k for _, k in prefetch_map(key, items)]
 
 
 def select_split(model: Model, data: str | os.PathLike, split: str = "auto") -> Selection:
-    """The images of `data` in `split` ("auto", "val", "train" or "all") for `model`.
+    """The images of `data` in `split` ("auto", "val", "train", "test" or "all") for `model`.
 
-    auto: the validation split (the folder's val/ when it has one), else every image.
-    DataError when the folder has no classes, the split is empty, or a class is not the model's.
+    auto/val: the folder's val/ when it has one; else the validation photos train-head recorded in the
+    model (by content: renames and moves do not matter); photos the model never saw when none of those
+    are here. train: the photos the model was trained on. all: everything (with a count of the
+    training photos among them). DataError when nothing fits, or a class is not the model's.
     """
     from edgetl.data.scan import scan
     from edgetl.errors import DataError
@@ -176,15 +257,42 @@ def select_split(model: Model, data: str | os.PathLike, split: str = "auto") -> 
     ds = scan(data)
     if not ds.classes:
         raise DataError(f"{data} has no class folders to evaluate against")
-    if split == "auto":
-        split = "val" if ds.layout == "split" and any(it.split == "val" for it in ds.items) else "all"
-    items = [it for it in ds.items if split == "all" or it.split == split]
-    if not items:
-        raise DataError(f"no images in the {split!r} split of {data}")
-    unknown = sorted({it.label for it in items} - set(model.classes))
+    unknown = sorted({it.label for it in ds.items} - set(model.classes))
     if unknown:
         raise DataError(f"class {unknown[0]!r} of {data} is not one of the model's classes ({', '.join(model.classes)})")
-    return Selection(items, split, f"{len(items)} images ({split})")
+    rec = recorded_split(model)
+    want = "val" if split == "auto" else split
+    trained_on = None
+    if want == "all" or ds.layout == "split":
+        items = ds.items if want == "all" else [it for it in ds.items if it.split == want]
+        if not items:
+            raise DataError(f"{data} has no {want}/ folder")
+        note = f"every photo in {data}" if want == "all" else f"the {want}/ folder of {data}"
+        if rec:
+            trained_on = sum(k in rec["train"] for k in _content_keys(items))
+            if trained_on and want != "train":
+                note += f"; {trained_on} of them were used for training"
+        elif want == "all":
+            note += " (the model records no split: training photos may be among them)"
+    elif want == "test":
+        raise DataError(f"{data} has no test/ folder")
+    elif rec:  # class folders: the split recorded in the model, by content
+        keys = _content_keys(ds.items)
+        items = [it for it, k in zip(ds.items, keys) if k in rec[want]]
+        note = f"the {len(items)} {'validation' if want == 'val' else 'training'} photos recorded in the model"
+        trained_on = len(items) if want == "train" else 0
+        if want == "val" and not items:  # another folder: score what the model never saw
+            items = [it for it, k in zip(ds.items, keys) if k not in rec["train"]]
+            note = f"the {len(items)} photos of {data} that the model was not trained on"
+        if not items:
+            raise DataError(f"every photo in {data} was used to train this model: no honest score "
+                            "(--split all scores them anyway)")
+    else:
+        if split != "auto":
+            raise DataError(f"{data} has no {want}/ folder and the model records no split; use --split all")
+        items = ds.items
+        note = f"every photo in {data} (the model records no split: training photos may be among them)"
+    return Selection(items, want, note, trained_on)
 
 
 def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_size: int = 32):

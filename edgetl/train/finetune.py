@@ -181,18 +181,17 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     import time
 
     import torch
-    import torch.nn.functional as F
 
-    from edgetl.train.heads import Fit, class_weights
+    from edgetl.train.heads import Fit, balanced_accuracy, class_weights, loss_fn, val_criterion
 
     t0 = time.perf_counter()
     # channels-last is much faster for depthwise convolutions on CPUs (about 1.6x for a training step)
     model.to(memory_format=torch.channels_last)
-    weights = class_weights(y_train, n_classes) if cfg.class_weights else None
-    wt = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
+    loss_of = loss_fn(cfg, y_train, n_classes, device)
+    val_loss_of = val_criterion(cfg, y_train, n_classes, device)
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    hist = {"train_loss": [], "val_loss": [], "val_acc": []}
+    hist = {"train_loss": [], "val_loss": [], "val_acc": [], "val_balanced_acc": []}
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     epoch = 0
     for epoch in range(1, epochs + 1):
@@ -200,8 +199,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
         freeze_bn(model, train_bn)
         total, n = 0.0, 0
         for x, y in train_batches():
-            loss = F.cross_entropy(model(_layout(x.to(device))), y.to(device), weight=wt,
-                                   label_smoothing=cfg.label_smoothing)
+            loss = loss_of(model(_layout(x.to(device))), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,24 +207,31 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
             n += len(y)
         sched.step()
         model.eval()
-        vl, correct = 0.0, 0
-        with torch.no_grad():
-            for x, y in val_x():
-                logits = model(_layout(x.to(device)))
-                vl += float(F.cross_entropy(logits, y.to(device), weight=wt, reduction="sum"))
-                correct += int((logits.argmax(1).cpu() == y).sum())
-        nv = max(1, len(val_y))
+        line = f"epoch {epoch}/{epochs}: train loss {total / max(n, 1):.4f}"
         hist["train_loss"].append(total / max(n, 1))
-        hist["val_loss"].append(vl / nv)
-        hist["val_acc"].append(correct / nv)
-        log(f"epoch {epoch}/{epochs}: train loss {total / max(n, 1):.4f}, val loss {vl / nv:.4f}, "
-            f"val acc {correct / nv:.4f}, {time.perf_counter() - t0:.0f} s")
-        if vl / nv < best[0] - 1e-6:
-            best = (vl / nv, epoch, copy.deepcopy(model.state_dict()))
-        elif epoch - best[1] >= patience:
+        if len(val_y):
+            logits, ys = [], []
+            with torch.no_grad():
+                for x, y in val_x():
+                    logits.append(model(_layout(x.to(device))).float().cpu())
+                    ys.append(y)
+            logits, ys = torch.cat(logits), torch.cat(ys)
+            vl = float(val_loss_of(logits.to(device), ys.to(device)))
+            pred = logits.argmax(1)
+            hist["val_loss"].append(vl)
+            hist["val_acc"].append(float((pred == ys).float().mean()))
+            hist["val_balanced_acc"].append(balanced_accuracy(ys, pred, n_classes))
+            line += f", val loss {vl:.4f}, val acc {hist['val_acc'][-1]:.4f}"
+        else:
+            vl = -epoch  # no validation photos: keep the last epoch
+        log(f"{line}, {time.perf_counter() - t0:.0f} s")
+        if vl < best[0] - 1e-6:
+            best = (vl, epoch, copy.deepcopy(model.state_dict()))
+        elif len(val_y) and epoch - best[1] >= patience:
             break
     model.load_state_dict(best[2])
     model.eval().cpu().to(memory_format=torch.contiguous_format)
+    weights = class_weights(y_train, n_classes) if cfg.balance == "weighted" else None
     return Fit(model, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
 
 

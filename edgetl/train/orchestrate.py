@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 
 from edgetl import __version__
 from edgetl import contract as C
+from edgetl.data.split import make_split
 from edgetl.errors import DataError
-from edgetl.files import writable_dir, write_bytes, write_text
+from edgetl.files import check_parent_writable, output_set, write_bytes, write_text
 from edgetl.train.heads import HeadConfig
 
 # --unfreeze auto: images per class (the smallest class's training count) → regime. Measured on the
@@ -28,44 +28,24 @@ AUTO_HEAD_BELOW = 200  # fewer per class: a head on frozen features (more layers
 AUTO_ALL_FROM = 1000  # this many or more per class: fine-tune everything; between: the last 2 blocks
 
 
-@dataclasses.dataclass
-class Split:
-    train: list[int]  # indices into dataset items
-    val: list[int]
-    note: str
-    saved: bool  # made here (and saved to split.json), not read from the folder layout
-
-
-def make_split(ds, usable: list[int], val_fraction: float, seed: int) -> Split:
-    """The dataset's own train/val split when it has one, else a stratified split with `seed`."""
-    if ds.layout == "split":
-        train = [i for i in usable if ds.items[i].split == "train"]
-        val = [i for i in usable if ds.items[i].split == "val"]
-        if val:
-            return Split(train, val, "the dataset's own train/ and val/ split", False)
-        usable = train
-    rng = random.Random(seed)
-    train, val = [], []
-    for c in ds.classes:
-        idx = [i for i in usable if ds.items[i].label == c]
-        rng.shuffle(idx)
-        n_val = int(round(val_fraction * len(idx))) if len(idx) >= 2 else 0
-        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
-        val += idx[:n_val]
-        train += idx[n_val:]
-    return Split(sorted(train), sorted(val), f"stratified {val_fraction:.0%} validation split, seed {seed}", True)
-
-
 def check_classes(ds, usable: list[int]) -> None:
+    """DataError unless DATA has two or more classes, each with at least one readable image."""
     if not ds.classes:
         raise DataError(f"{ds.root} has no class folders: put images in {ds.root}/<class>/")
     if len(ds.classes) < 2:
         raise DataError(f"only one class ({ds.classes[0]!r}) in {ds.root}: a classifier needs at least two")
     have = {ds.items[i].label for i in usable}
-    empty = [c for c in ds.classes if c not in have]
+    empty = [c for c in ds.classes if c not in have]  # (one pass over the items, then over the classes)
     if empty:
         more = f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""
         raise DataError(f"class {empty[0]!r} has no readable images{more}")
+
+
+def _smallest_train_class(ds, val_fraction: float) -> int:
+    """Training images in the smallest class, as the split will make it (before images are read)."""
+    if ds.layout == "split" and any(it.split == "val" for it in ds.items):
+        return min(ds.counts("train").values())
+    return min(n - (min(max(round(val_fraction * n), 1), n - 1) if n >= 2 else 0) for n in ds.counts().values())
 
 
 def choose_regime(per_class: int) -> tuple[str, str]:
@@ -93,16 +73,17 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     from edgetl.data.scan import scan
     from edgetl.export import fuse
 
-    scanned = scan(data)  # refuse unusable data before any work
+    scanned = scan(data, exclude=[out_dir, cache_root])  # refuse unusable data before any work
     check_classes(scanned, list(range(len(scanned.items))))
+    for line in scanned.notes:
+        log(line)
     backbone = fuse.load(backbone_path, C.FORMAT_BACKBONE)
     bmeta = {p.key: p.value for p in backbone.metadata_props}
-    out = writable_dir(out_dir)
+    check_parent_writable(out_dir)
     torch_device = None if device == "auto" else ("cuda" if device == "cuda" else "cpu")
     reason = ""
     if unfreeze == "auto":  # from the folder's counts (unreadable images are not known yet)
-        pre = make_split(scanned, list(range(len(scanned.items))), val_fraction, cfg.seed)
-        unfreeze, reason = choose_regime(min(_counts(scanned, pre.train).values()))
+        unfreeze, reason = choose_regime(_smallest_train_class(scanned, val_fraction))
         log(f"--unfreeze auto: {unfreeze} ({reason})")
     cut = None
     if unfreeze not in ("0", "all"):  # embed with the trunk straight away: one pass over the images
@@ -118,7 +99,9 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     ds = r.dataset
     usable = [i for i, k in enumerate(r.keys) if k is not None]
     check_classes(ds, usable)
-    split = make_split(ds, usable, val_fraction, cfg.seed)
+    split = make_split(ds, r.keys, usable, val_fraction, cfg.seed)
+    for line in split.notes:
+        log(line)
     train_counts = _counts(ds, split.train)
     missing = [c for c, n in train_counts.items() if n == 0]
     if missing:
@@ -136,7 +119,7 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
         t = _train_top(cut, r, train_bn, **common)
     log(f"trained ({t.regime}): best epoch {t.fit.best_epoch} of {t.fit.epochs_run}, {t.fit.seconds:.1f} s "
         f"on {t.fit.device}")
-    return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, out, r, batch_size, reason)
+    return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, Path(out_dir), r, batch_size, reason)
 
 
 def _aug_views(model_path, ds, split, augment, cache_root, device, batch_size, log, check_space=False):
@@ -333,13 +316,15 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
 
 
 def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_size: int, reason: str) -> dict:
-    """Verify fused vs chained on every validation image, compute the fused model's metrics, write all."""
+    """Verify fused vs chained on every validation image, compute the fused model's metrics, record the
+    split in the model, and write the whole output set at once (a failure leaves the previous set)."""
     import onnx
     import onnxruntime
     import torch
 
     from edgetl.data.pipeline import image_batches
     from edgetl.data.preprocess import Spec
+    from edgetl.data.split import record
     from edgetl.export import fuse
     from edgetl.export.torch_onnx import set_metadata, sha256_bytes
     from edgetl.quality import report
@@ -363,48 +348,51 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
         worst, n_checked, _ = fuse.check_fused(fused, t.first, t.second, [batch])
     pred = np.concatenate(probs).argmax(1) if probs else np.zeros(0, int)
     m = report.metrics(y_val, pred, ds.classes)
+    warnings = report.warnings(m)
 
     second_bytes = t.second.SerializeToString()
+    cut = json.loads(fmeta[C.KEY_CUT]) if C.KEY_CUT in fmeta else None
     summary = {
         "name": out.resolve().name, "data": str(data), "split_note": split.note,
         "backbone": fmeta[C.KEY_BACKBONE], "regime": t.regime, "auto_reason": reason or None,
-        "link": (f"activation maps {json.loads(fmeta[C.KEY_CUT])['shape']} after block {json.loads(fmeta[C.KEY_CUT])['block']}"
-                 if C.KEY_CUT in fmeta else f"embeddings of size {fmeta.get(C.KEY_EMBEDDING_DIM)}"),
+        "link": (f"activation maps {cut['shape']} after block {cut['block']}" if cut
+                 else f"embeddings of size {fmeta.get(C.KEY_EMBEDDING_DIM)}"),
         "input_size": list(spec.input_size), "classes": ds.classes,
         "counts": {"train": _counts(ds, split.train), "val": _counts(ds, split.val)},
         "skipped": [str(p) for p, _ in r.skipped], "head": cfg.describe(), "best_epoch": t.fit.best_epoch,
         "epochs_run": t.fit.epochs_run, "train_seconds": t.fit.seconds, "device": t.fit.device,
         "class_weights": ({c: round(w, 4) for c, w in zip(ds.classes, t.fit.class_weights)}
-                          if t.fit.class_weights else "off"),
-        "metrics": m, "parity_images": n_checked, "fuse_max_abs_diff": worst, "fuse_atol": C.FUSE_ATOL,
+                          if t.fit.class_weights else f"none ({cfg.balance})"),
+        "metrics": m, "warnings": warnings, "notes": ds.notes + split.notes, "leaked_val_photos": split.leaked,
+        "parity_images": n_checked, "fuse_max_abs_diff": worst, "fuse_atol": C.FUSE_ATOL,
         "head_max_abs_diff": t.second_diff, "model_sha256": None, "head_sha256": sha256_bytes(second_bytes),
         "backbone_sha256": sha256_bytes(t.first.SerializeToString()),
         "weights_sha256": fmeta.get(C.KEY_WEIGHTS_SHA256), "edgetl": __version__, "torch": torch.__version__,
         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "history": t.fit.history,
     }
-    training = {k: summary[k] for k in ("data", "split_note", "counts", "regime", "best_epoch", "epochs_run",
-                                        "class_weights")}
-    training["val_accuracy"] = m["accuracy"]
-    set_metadata(fused, {C.KEY_TRAINING: json.dumps(training, ensure_ascii=False)})
+    training = {k: summary[k] for k in ("data", "split_note", "counts", "regime", "best_epoch", "epochs_run")}
+    training.update(val_accuracy=m["accuracy"], val_balanced_accuracy=m["balanced_accuracy"], val_n=m["n"])
+    set_metadata(fused, {C.KEY_TRAINING: json.dumps(training, ensure_ascii=False),
+                         C.KEY_SPLIT: json.dumps(record(split, r.keys))})
     fused_bytes = fused.SerializeToString()
     summary["model_sha256"] = sha256_bytes(fused_bytes)
 
-    if fmeta.get(C.KEY_CUT) is not None:  # unfreeze N: the frozen trunk and the trained top
-        write_bytes(out / "trunk.onnx", t.first.SerializeToString())
-        write_bytes(out / "top.onnx", second_bytes)
-    else:
-        write_bytes(out / "head.onnx", second_bytes)
-        if t.regime.startswith("whole network"):  # the fine-tuned network is a new backbone
-            write_bytes(out / "backbone.onnx", t.first.SerializeToString())
-    write_bytes(out / "model.onnx", fused_bytes)
-    if split.saved:
-        write_text(out / "split.json", report.dumps(
-            {"note": split.note, "train": [_rel(ds, i) for i in split.train], "val": [_rel(ds, i) for i in split.val]}))
-    write_text(out / "metrics.json", report.dumps(summary))
-    if len(split.val):
-        report.plot_confusion(m, out / "confusion.png")
-    report.plot_curves(t.fit.history, t.fit.best_epoch, out / "curves.png")
-    write_text(out / "MODEL_CARD.md", report.model_card(summary))
+    with output_set(out) as tmp:
+        if cut is not None:  # unfreeze N: the frozen trunk and the trained top
+            write_bytes(tmp / "trunk.onnx", t.first.SerializeToString())
+            write_bytes(tmp / "top.onnx", second_bytes)
+        else:
+            write_bytes(tmp / "head.onnx", second_bytes)
+            if t.regime.startswith("whole network"):  # the fine-tuned network is a new backbone
+                write_bytes(tmp / "backbone.onnx", t.first.SerializeToString())
+        write_bytes(tmp / "model.onnx", fused_bytes)
+        if split.saved:
+            write_text(tmp / "split.json", report.dumps(
+                {"note": split.note, "train": [_rel(ds, i) for i in split.train], "val": [_rel(ds, i) for i in split.val]}))
+        write_text(tmp / "metrics.json", report.dumps(summary))
+        report.plot_confusion(m, tmp / "confusion.png")
+        report.plot_curves(t.fit.history, t.fit.best_epoch, tmp / "curves.png")
+        write_text(tmp / "MODEL_CARD.md", report.model_card(summary))
     summary["out"] = out
     return summary
 

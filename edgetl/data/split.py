@@ -1,0 +1,108 @@
+"""Train/validation splits by content, and how a model records the split it was trained with.
+
+Identical bytes always land on the same side: a split is made over groups of byte-identical photos
+(their cache keys), stratified by class. When the folder brings its own train/ and val/, a
+validation photo byte-identical to a training photo is leakage: it is left out of the validation
+score and counted. A model records the content keys of its training and validation photos
+(`record`), so `edgetl evaluate` can score exactly the photos the model never saw. Torch-free.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import random
+
+KEY_PREFIX = 8  # bytes of each photo's SHA-256 recorded in a model: identity, not security
+SMALL_VAL_PER_CLASS = 5  # fewer validation photos than this in some class: the number carries a caveat
+
+
+@dataclasses.dataclass
+class Split:
+    train: list[int]  # indices into dataset items
+    val: list[int]
+    note: str  # how the split was made
+    saved: bool  # made here (and saved to split.json), not read from the folder layout
+    notes: list[str] = dataclasses.field(default_factory=list)  # one line each, for the user and the card
+    leaked: int = 0  # validation photos left out because training holds the same bytes
+
+
+def make_split(ds, keys: list[bytes | None], usable: list[int], val_fraction: float, seed: int) -> Split:
+    """The dataset's own train/val split when it has one, else a stratified split by content with `seed`.
+
+    `keys[i]` is the content key (SHA-256 of the bytes) of item i; `usable` the readable items.
+    """
+    notes: list[str] = []
+    if ds.layout == "split":
+        train = [i for i in usable if ds.items[i].split == "train"]
+        val = [i for i in usable if ds.items[i].split == "val"]
+        if ds.items and any(it.split == "test" for it in ds.items):
+            notes.append("the test/ folder was not used (evaluate on it with `edgetl evaluate MODEL DATA --split test`)")
+        if val:
+            seen = {keys[i] for i in train}
+            kept = [i for i in val if keys[i] not in seen]
+            leaked = len(val) - len(kept)
+            if leaked:
+                notes.append(f"{leaked} validation photos are byte-identical to training photos (leakage): "
+                             "left out of the validation score")
+            return Split(train, kept, "the dataset's own train/ and val/ split", False, notes, leaked)
+        usable = train
+    return _stratified(ds, keys, usable, val_fraction, seed, notes)
+
+
+def _stratified(ds, keys, usable, val_fraction, seed, notes) -> Split:
+    groups: dict[bytes, list[int]] = {}
+    for i in usable:  # byte-identical photos form one group; input order kept
+        groups.setdefault(keys[i], []).append(i)
+    by_class: dict[str, list[list[int]]] = {c: [] for c in ds.classes}
+    conflicts = 0
+    for members in groups.values():
+        labels = {ds.items[i].label for i in members}
+        conflicts += len(labels) > 1
+        by_class[ds.items[members[0]].label].append(members)
+    rng = random.Random(seed)
+    train, val, single = [], [], []
+    for c in ds.classes:
+        gs = by_class[c]
+        rng.shuffle(gs)
+        n_val = min(max(int(round(val_fraction * len(gs))), 1), len(gs) - 1) if len(gs) >= 2 else 0
+        if len(gs) == 1:
+            single.append(c)
+        for g in gs[:n_val]:
+            val += g
+        for g in gs[n_val:]:
+            train += g
+    dups = len(usable) - len(groups)
+    if dups:
+        notes.append(f"{dups} photos are byte-identical copies of others: each set of copies stays on one side of the split")
+    if conflicts:
+        notes.append(f"{conflicts} photos appear byte-identical under two or more classes")
+    if single:
+        names = ", ".join(repr(c) for c in single[:3]) + (f" and {len(single) - 3} more" if len(single) > 3 else "")
+        notes.append(f"class {names} has a single photo: trained on, not validated")
+    return Split(sorted(train), sorted(val), f"stratified {val_fraction:.0%} validation split by content, seed {seed}",
+                 True, notes)
+
+
+def encode_keys(keys) -> str:
+    """Content keys → a compact string for model metadata (sorted unique prefixes, base64)."""
+    prefixes = sorted({bytes(k[:KEY_PREFIX]) for k in keys if k is not None})
+    return base64.b64encode(b"".join(prefixes)).decode("ascii")
+
+
+def decode_keys(text: str) -> set[bytes]:
+    """The inverse of `encode_keys`; ValueError when the text is not such a list."""
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if len(raw) % KEY_PREFIX:
+        raise ValueError("recorded split keys have a wrong length")
+    return {raw[i:i + KEY_PREFIX] for i in range(0, len(raw), KEY_PREFIX)}
+
+
+def short(key: bytes) -> bytes:
+    return bytes(key[:KEY_PREFIX])
+
+
+def record(split: Split, keys: list[bytes | None]) -> dict:
+    """What a model stores about its split (metadata key contract.KEY_SPLIT)."""
+    return {"note": split.note, "n_train": len(split.train), "n_val": len(split.val),
+            "train": encode_keys(keys[i] for i in split.train), "val": encode_keys(keys[i] for i in split.val)}
