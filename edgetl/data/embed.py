@@ -18,7 +18,7 @@ import numpy as np
 from edgetl import contract as C
 from edgetl.data.cache import Namespace, image_key, open_for_backbone
 from edgetl.data.pipeline import prefetch_map
-from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image, view_seed
+from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image, read_regular, view_seed
 from edgetl.data.scan import Dataset, scan
 from edgetl.deploy.runtime import check_io, read_metadata, session
 from edgetl.errors import CacheError, ImageError, ModelError
@@ -90,9 +90,9 @@ def _read(item: tuple[int, Path], spec: Spec, known: set[bytes], view: str):
     """Worker: read, hash, and (only when not cached) decode and resize. Runs in a thread."""
     path = item[1]
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        return None, None, f"{path}: {e.strerror}"
+        data = read_regular(path)
+    except ImageError as e:
+        return None, None, str(e)
     key = image_key(data)
     if key in known:
         return key, None, None

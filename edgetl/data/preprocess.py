@@ -10,18 +10,24 @@ shrinking, INTER_CUBIC when enlarging), then take the centre `input_size` crop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from edgetl.errors import ImageError
 
-# OpenCV refuses images above this many pixels; we check headers ourselves first.
+# Images above this many pixels are refused (headers are read first, nothing is decoded). JPEGs are
+# decoded at 1/2..1/8 scale when that is enough, so only a JPEG can come near this size in memory as
+# a fraction of it; other formats decode at full size and have a lower limit.
 MAX_PIXELS = 200_000_000
+MAX_FULL_PIXELS = 100_000_000  # PNG, TIFF, WebP…: 100 MP is 300 MB of pixels
+# Decodes running at once (one per decode thread) share this many pixels: the memory of decoding stays
+# bounded however many threads decode huge images at the same time.
+DECODE_BUDGET_PIXELS = 150_000_000
 POLICY = "shorter-center/v1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff",
                   ".ppm", ".pgm", ".pbm", ".pnm", ".gif", ".jp2"}
@@ -82,6 +88,7 @@ def _cv2():
 
     global _CV2_READY
     if not _CV2_READY:
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))  # OpenCV's own guard, for any format
         cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # we report errors ourselves
         _CV2_READY = True
@@ -109,11 +116,14 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
-    """(width, height) from the image header without decoding the pixels (Pillow for non-JPEG, if present)."""
+    """(width, height) from the image header without decoding the pixels (JPEG and PNG parsed here,
+    other formats by Pillow when it is present)."""
     if data[:2] == b"\xff\xd8":
         size = _jpeg_size(data)
         if size is not None:
             return size
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     try:
         from PIL import Image
     except ImportError:  # the torch-free runtime may run without Pillow
@@ -125,6 +135,34 @@ def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
         raise ImageError(f"{name}: {str(e).split(' pixels')[0]} pixels is over the limit (decompression bomb?)") from None
     except Exception:  # Pillow cannot read it; let OpenCV try and report
         return None
+
+
+class _PixelBudget:
+    """A counting semaphore over pixels: decodes wait until their pixels fit beside the others'."""
+
+    def __init__(self, total: int):
+        import threading
+
+        self.total, self.used = total, 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, pixels: int):
+        pixels = min(max(pixels, 1), self.total)
+        with self.cond:
+            while self.used + pixels > self.total:
+                self.cond.wait()
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
+
+
+_BUDGET = _PixelBudget(DECODE_BUDGET_PIXELS)
+UNKNOWN_SIZE_PIXELS = 12_000_000  # what a decode whose header we could not read is counted as
 
 
 def _truncated_jpeg(data: bytes) -> bool:
@@ -154,22 +192,27 @@ def decode_bgr(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarra
     if not data:
         raise ImageError(f"{name}: empty file")
     size = _header_size(data, name)
-    flag = cv2.IMREAD_COLOR
+    flag, pixels = cv2.IMREAD_COLOR, UNKNOWN_SIZE_PIXELS
     if size is not None:
         w, h = size
-        if w * h > MAX_PIXELS:
-            raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {MAX_PIXELS:,}")
-        if min_side and data[:2] == b"\xff\xd8":
+        jpeg = data[:2] == b"\xff\xd8"
+        limit = MAX_PIXELS if jpeg else MAX_FULL_PIXELS
+        if w * h > limit:
+            only = "" if jpeg else " (only JPEGs are decoded at reduced size)"
+            raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {limit:,}{only}")
+        pixels = w * h
+        if min_side and jpeg:
             for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                                     (2, cv2.IMREAD_REDUCED_COLOR_2)):
                 if min(w, h) // factor >= min_side:
-                    flag = reduced
+                    flag, pixels = reduced, w * h // (factor * factor)
                     break
     if _truncated_jpeg(data):
         raise ImageError(f"{name}: truncated JPEG")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
-        bgr = cv2.imdecode(buf, flag)
+        with _BUDGET.take(pixels):
+            bgr = cv2.imdecode(buf, flag)
     except cv2.error as e:
         raise ImageError(f"{name}: cannot decode ({str(e).strip().splitlines()[-1]})") from None
     if bgr is None or bgr.size == 0:
@@ -228,11 +271,22 @@ def load_image(source: str | os.PathLike | bytes, spec: Spec, name: str | None =
         data, name = bytes(source), name or "image"
     else:
         name = name or str(source)
-        try:
-            data = Path(source).read_bytes()
-        except OSError as e:
-            raise ImageError(f"{name}: {e.strerror}") from None
+        data = read_regular(source, name)
     return frame_to_input(decode_bgr(data, min_side=spec.resize_size, name=name), spec)
+
+
+def read_regular(path: str | os.PathLike, name: str | None = None) -> bytes:
+    """The bytes of a regular file; ImageError for anything else (a FIFO would block, a device never end)."""
+    import stat
+
+    name = name or str(path)
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ImageError(f"{name}: not a regular file")
+            return f.read()
+    except OSError as e:
+        raise ImageError(f"{name}: {e.strerror}") from None
 
 
 def frame_to_input(bgr: np.ndarray, spec: Spec) -> np.ndarray:

@@ -163,6 +163,17 @@ class _Walker:
         return []
 
 
+def images_under(folder: str | os.PathLike) -> list[Path]:
+    """Every image file below `folder` (links followed once, edgetl output skipped), sorted by path."""
+    w = _Walker(set())
+    w.claim_dir(Path(folder))
+    links: list = []
+    found, _ = w.images(Path(folder), True, links)
+    for link in links:
+        found += w.follow(link, True)
+    return sorted(found)
+
+
 def _ident_of(paths) -> set[tuple[int, int]]:
     out = set()
     for p in paths:

@@ -9,6 +9,7 @@ window, and/or an annotated video).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.data.preprocess import decode_bgr, frame_to_input
+from edgetl.data.preprocess import decode_bgr, frame_to_input, read_regular
 from edgetl.errors import EdgetlError
 
 UNKNOWN = "unknown"
@@ -111,7 +112,7 @@ class Capture:
             while index < len(self._files):
                 path = self._files[index]
                 try:
-                    return 0.0, decode_bgr(path.read_bytes(), self.spec.resize_size, str(path))
+                    return 0.0, decode_bgr(read_regular(path), self.spec.resize_size, str(path))
                 except (OSError, EdgetlError) as e:
                     print(f"skipped {path}: {e}", file=sys.stderr)
                     self._files.pop(index)
@@ -205,6 +206,14 @@ def resolve_source(camera: int | None, source: str | None):
         return "files", files, False
     if not p.exists():
         raise SourceError(f"no such file: {source}")
+    import stat
+
+    mode = os.stat(p).st_mode
+    if stat.S_ISCHR(mode):  # a capture device such as /dev/video0
+        return "file", p, False
+    if not stat.S_ISREG(mode):
+        raise SourceError(f"{source} is not a regular file (a FIFO, socket or device); give a video file, a URL "
+                          "or --camera")
     from edgetl.data.scan import image_by_content
 
     return ("files", [p], False) if image_by_content(p) else ("file", p, False)
@@ -259,7 +268,8 @@ class RunSummary:
     dropped: int
     stages_ms: dict[str, float]
     saved: str | None
-    ended: str  # "end of source" | "quit" | "interrupted" | error text
+    ended: str  # "end of source" | "quit" | "interrupted" | "terminated (SIGTERM)" | error text
+    exit_code: int = 0  # 130 after Ctrl-C, 128 + signal number after SIGTERM/SIGHUP
 
     def line(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
@@ -284,71 +294,113 @@ def has_display() -> bool:
     return os.name == "nt" or sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+class _Signalled(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGHUP end the loop like Ctrl-C does (the video is finalised), in the main thread."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Signalled(signum)
+
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def run(model, camera: int | None = None, source: str | None = None, headless: bool = False,
         save: str | None = None, threshold: float = 0.0, smooth: int = 1, top_k: int = 3,
-        max_frames: int | None = None, out=None) -> RunSummary:
-    """The live loop. Returns a summary; Ctrl-C ends it cleanly (the saved video stays playable)."""
+        max_frames: int | None = None, out=None, log=lambda line: None) -> RunSummary:
+    """The live loop. Returns a summary; Ctrl-C, SIGTERM and SIGHUP end it cleanly (a saved video is
+    finalised: written under a temporary name, renamed when the loop ends)."""
     cv2 = _cv2()
     out = out or sys.stdout
-    if not headless:
-        if not has_display():
+    kind, target, latest_only = resolve_source(camera, source)  # the source first: its errors come first
+    cap = Capture(kind, target, model.spec, latest_only)
+    window = not headless
+    if window and not has_display():
+        if not save:
+            cap.stop()
             raise EdgetlError("no display to open a window on; use --headless (JSON lines) and/or --save out.mp4")
+        window = False
+        log(f"no display: no window, saving to {save}")
+    if window:
         _qt_fonts()
-    kind, target, latest_only = resolve_source(camera, source)
-    cap = Capture(kind, target, model.spec, latest_only).start()
+    names = ", ".join(model.classes[:6]) + (", …" if len(model.classes) > 6 else "")
+    log(f"model {model.path} ({len(model.classes)} classes: {names}; {model.provider.replace('ExecutionProvider', '')})")
+    video = _Video(save) if save else None
     smoother = Smoother(smooth)
-    writer = None
     stats = collections.defaultdict(float)
-    n, ended, t_begin = 0, "end of source", time.perf_counter()
+    n, ended, code, t_begin = 0, "end of source", 0, time.perf_counter()
     fps_window: collections.deque = collections.deque(maxlen=30)
+    cap.start()
     try:
-        while max_frames is None or n < max_frames:
-            frame = cap.next()
-            if frame is None:
-                ended = cap.error or "end of source"
-                break
-            t0 = time.perf_counter()
-            probs = smoother(model.probabilities(frame.rgb_input[None])[0])
-            infer_ms = (time.perf_counter() - t0) * 1e3
-            label, prob, top = decide(probs, model.classes, threshold, top_k)
-            n += 1
-            fps_window.append(time.perf_counter())
-            fps = (len(fps_window) - 1) / (fps_window[-1] - fps_window[0]) if len(fps_window) > 1 else 0.0
-            stages = {"capture": frame.capture_ms, "preprocess": frame.preprocess_ms, "inference": infer_ms}
-            for k, v in stages.items():
-                stats[k] += v
-            if save or not headless:  # the video first: a line printed always has its frame saved
-                shown = draw(frame.bgr, label, prob, top, fps, stages)
-                if save:
-                    if writer is None:
-                        writer = _writer(save, cap.fps or 30.0, (frame.bgr.shape[1], frame.bgr.shape[0]))
-                    if (shown.shape[1], shown.shape[0]) != writer.size:
-                        shown = cv2.resize(shown, writer.size)
-                    writer.video.write(shown)
-                if not headless:
-                    cv2.imshow("edgetl", shown)
-                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
-                        ended = "quit"
+        with _stop_on_signals():
+            try:
+                while max_frames is None or n < max_frames:
+                    frame = cap.next()
+                    if frame is None:
+                        ended = cap.error or "end of source"
                         break
-            if headless:
-                out.write(json.dumps({"frame": frame.index, "t": round(frame.t, 4), "label": label,
-                                      "prob": round(prob, 6), "top": [[c, round(p, 6)] for c, p in top]},
-                                     ensure_ascii=False) + "\n")
-                out.flush()
-    except KeyboardInterrupt:
-        ended = "interrupted"
-    except BrokenPipeError:  # `edgetl run --headless | head`: the reader left
-        ended = "output closed"
-        _silence_stdout()
-    finally:
-        cap.stop()
-        if writer is not None:
-            writer.video.release()
-        if not headless:
-            cv2.destroyAllWindows()
+                    t0 = time.perf_counter()
+                    probs = smoother(model.probabilities(frame.rgb_input[None])[0])
+                    infer_ms = (time.perf_counter() - t0) * 1e3
+                    label, prob, top = decide(probs, model.classes, threshold, top_k)
+                    n += 1
+                    fps_window.append(time.perf_counter())
+                    fps = (len(fps_window) - 1) / (fps_window[-1] - fps_window[0]) if len(fps_window) > 1 else 0.0
+                    stages = {"capture": frame.capture_ms, "preprocess": frame.preprocess_ms, "inference": infer_ms}
+                    for k, v in stages.items():
+                        stats[k] += v
+                    if video or window:  # the video first: a line printed always has its frame saved
+                        shown = draw(frame.bgr, label, prob, top, fps, stages)
+                        if video:
+                            video.write(shown, cap.fps or 30.0)
+                        if window:
+                            cv2.imshow("edgetl", shown)
+                            if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                                ended = "quit"
+                                break
+                    if headless:
+                        out.write(json.dumps({"frame": frame.index, "t": round(frame.t, 4), "label": label,
+                                              "prob": round(prob, 6), "top": [[c, round(p, 6)] for c, p in top]},
+                                             ensure_ascii=False) + "\n")
+                        out.flush()
+            except KeyboardInterrupt:
+                ended, code = "interrupted", 130
+            except _Signalled as s:
+                import signal
+
+                ended, code = f"terminated ({signal.Signals(s.signum).name})", 128 + s.signum
+            except BrokenPipeError:  # `edgetl run --headless | head`: the reader left
+                ended = "output closed"
+                _silence_stdout()
+            finally:
+                cap.stop()
+                saved = video.close() if video else None
+                if window:
+                    cv2.destroyAllWindows()
+    except (KeyboardInterrupt, _Signalled):  # a second signal while finishing: the video is already closed
+        ended, code, saved = "interrupted", 130, (video.final if video and video.final.exists() else None)
     seconds = time.perf_counter() - t_begin
     return RunSummary(n, seconds, cap.dropped, {k: v / max(n, 1) for k, v in stats.items()},
-                      save if writer is not None else None, ended)
+                      str(saved) if saved else None, ended, code)
 
 
 def _silence_stdout() -> None:
@@ -360,19 +412,49 @@ def _silence_stdout() -> None:
         pass
 
 
-@dataclasses.dataclass
-class _Writer:
-    video: object
-    size: tuple[int, int]
+class _Video:
+    """An annotated video written under a temporary name beside `path` and renamed into place by
+    `close()`, so `path` is always either absent, the previous file, or a finished video."""
 
+    def __init__(self, path: str):
+        from edgetl.files import check_parent_writable
 
-def _writer(path: str, fps: float, size: tuple[int, int]) -> _Writer:
-    cv2 = _cv2()
-    from edgetl.files import writable_dir
+        self.final = Path(path)
+        check_parent_writable(self.final.parent / "x")
+        self.tmp = self.final.parent / f".{self.final.stem}.partial{self.final.suffix}"
+        self.video = None
+        self.size: tuple[int, int] | None = None
+        self.frames = 0
 
-    writable_dir(Path(path).parent)
-    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if Path(path).suffix.lower() in (".mp4", ".m4v", ".mov") else "MJPG"))
-    video = cv2.VideoWriter(str(path), fourcc, fps, size)
-    if not video.isOpened():
-        raise EdgetlError(f"cannot write video {path} (try a .mp4 or .avi name)")
-    return _Writer(video, size)
+    def write(self, img: np.ndarray, fps: float) -> None:
+        cv2 = _cv2()
+        if self.video is None:
+            from edgetl.files import writable_dir
+
+            writable_dir(self.final.parent)
+            self.size = (img.shape[1], img.shape[0])
+            mp4 = self.final.suffix.lower() in (".mp4", ".m4v", ".mov")
+            self.video = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*("mp4v" if mp4 else "MJPG")), fps,
+                                         self.size)
+            if not self.video.isOpened():
+                self.video = None
+                raise EdgetlError(f"cannot write video {self.final} (try a .mp4 or .avi name)")
+        if (img.shape[1], img.shape[0]) != self.size:
+            img = cv2.resize(img, self.size)
+        self.video.write(img)
+        self.frames += 1
+
+    def close(self) -> Path | None:
+        """Finish the file and move it into place; None when no frame was written."""
+        if self.video is None:
+            return None
+        self.video.release()
+        self.video = None
+        if not self.frames:
+            self.tmp.unlink(missing_ok=True)
+            return None
+        from edgetl.files import file_mode
+
+        os.chmod(self.tmp, file_mode())
+        os.replace(self.tmp, self.final)
+        return self.final

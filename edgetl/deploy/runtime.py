@@ -318,14 +318,14 @@ def expand_paths(patterns) -> list[Path]:
     """Files, folders (every image below) and globs → image paths, in a stable order."""
     import glob
 
-    from edgetl.data.scan import looks_like_image
+    from edgetl.data.scan import images_under
     from edgetl.errors import DataError
 
     out: list[Path] = []
     for pat in patterns:
         p = Path(pat)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and looks_like_image(f))
+            out += images_under(p)
         elif p.is_file():
             out.append(p)
         else:
@@ -334,6 +334,13 @@ def expand_paths(patterns) -> list[Path]:
                 raise DataError(f"no such file, folder or glob match: {pat}")
             out += [Path(h) for h in hits if Path(h).is_file()]
     return out
+
+
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp"}
+
+
+def is_video(path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
 def predict(model: Model, paths: list[Path], top_k: int = 1, batch_size: int = 32):

@@ -259,6 +259,16 @@ Needs only onnxruntime, numpy and OpenCV (`edgetl.deploy`).
 """
 
 
+def json_line(obj) -> str:
+    """One JSON line that stays valid UTF-8 whatever the file names (undecodable bytes become \\u escapes)."""
+    line = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    try:
+        line.encode("utf-8")
+        return line
+    except UnicodeEncodeError:  # surrogate escapes from a non-UTF-8 file name
+        return json.dumps(obj, ensure_ascii=True, allow_nan=False)
+
+
 def dumps(obj) -> str:
     """Strict JSON (NaN/Infinity refused: they are not JSON)."""
     return json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False)

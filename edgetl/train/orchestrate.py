@@ -94,6 +94,8 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     r = embed_folder(scanned, cut.path if cut else backbone_path, cache_root, device=device,
                      batch_size=batch_size, check_space=cut is not None)
     log(f"{'trunk activations' if cut else 'embedded'}: {r.summary()}")
+    for line in r.namespace.problems:
+        log(line)
     for line in r.skipped_lines():
         log(f"skipped{line}")
     ds = r.dataset
@@ -231,7 +233,7 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
     import torch
 
     from edgetl.data.pipeline import prefetch_map
-    from edgetl.data.preprocess import augment_view, decode_bgr, load_image
+    from edgetl.data.preprocess import augment_view, decode_bgr, load_image, read_regular
     from edgetl.export import fuse
     from edgetl.export.torch_onnx import image_module, to_onnx
     from edgetl.train import heads as head_mod
@@ -270,7 +272,7 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
         seeds = rng.integers(0, 2**63 - 1, len(order))
 
         def load(j):
-            data = train_paths[j].read_bytes()
+            data = read_regular(train_paths[j])
             if augment:
                 return augment_view(decode_bgr(data, spec.resize_size, str(train_paths[j])), spec, int(seeds[j]))
             return load_image(data, spec, str(train_paths[j]))
