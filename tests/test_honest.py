@@ -129,7 +129,7 @@ def test_one_photo_per_class_trains_without_validation_and_says_so(tmp_path, mak
     r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", out)
     assert r.exit_code == 0, r.output
     assert "no validation photos (accuracy not measured)" in r.output
-    assert "has a single photo: trained on, not validated" in r.output
+    assert "classes 'Misty', 'Tigger' have a single photo each: trained on, not validated" in r.output
     s = strict_json(out / "metrics.json")
     assert s["metrics"]["accuracy"] is None and s["metrics"]["n"] == 0
     assert s["epochs_run"] == s["best_epoch"]  # no early stopping on training loss: the last epoch is kept

@@ -79,7 +79,8 @@ def _stratified(ds, keys, usable, val_fraction, seed, notes) -> Split:
         notes.append(f"{conflicts} photos appear byte-identical under two or more classes")
     if single:
         names = ", ".join(repr(c) for c in single[:3]) + (f" and {len(single) - 3} more" if len(single) > 3 else "")
-        notes.append(f"class {names} has a single photo: trained on, not validated")
+        notes.append(f"class {names} has a single photo: trained on, not validated" if len(single) == 1 else
+                     f"classes {names} have a single photo each: trained on, not validated")
     return Split(sorted(train), sorted(val), f"stratified {val_fraction:.0%} validation split by content, seed {seed}",
                  True, notes)
 

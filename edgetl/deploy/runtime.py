@@ -152,8 +152,10 @@ def load_model(path: str | os.PathLike, device: str = "auto", threads: int | Non
     n_out = _static(sess.get_outputs()[0].shape, 1)
     try:
         classes = json.loads(meta[C.KEY_CLASSES])
-    except (KeyError, ValueError) as e:
-        raise ModelError(f"{p}: edgetl metadata is incomplete (classes: {e})") from None
+    except KeyError:
+        raise ModelError(f"{p}: edgetl metadata is incomplete (no class names)") from None
+    except (ValueError, RecursionError):
+        raise ModelError(f"{p}: the class names in its metadata are not a list of names (invalid JSON)") from None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise ModelError(f"{p}: the class names in its metadata are not a list of names")
     if len(set(classes)) != len(classes):
@@ -176,8 +178,8 @@ def check_io(sess, meta: dict[str, str], path, output: str) -> Spec:
         spec = Spec.from_json(meta[C.KEY_PREPROCESS])
     except KeyError:
         raise ModelError(f"{path}: edgetl metadata is incomplete (no preprocessing spec)") from None
-    except (ValueError, TypeError) as e:
-        raise ModelError(f"{path}: its preprocessing metadata is invalid ({e})") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ModelError(f"{path}: its preprocessing metadata is invalid ({str(e)[:120]})") from None
     ins, outs = sess.get_inputs(), sess.get_outputs()
     if len(ins) != 1 or ins[0].name != C.IMAGE or ins[0].type != "tensor(uint8)" or len(ins[0].shape) != 4:
         got = ", ".join(f"{i.name} {i.type}" for i in ins)

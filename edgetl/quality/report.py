@@ -138,8 +138,9 @@ def plot_confusion(m: dict, path) -> bool:
     k = len(m["classes"])
     fig, ax = plt.subplots(figsize=(2 + 0.5 * k, 1.5 + 0.5 * k))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), m["classes"], rotation=90 if k > 4 else 0)
-    ax.set_yticks(range(k), m["classes"])
+    names = [safe(c) for c in m["classes"]]
+    ax.set_xticks(range(k), names, rotation=90 if k > 4 else 0)
+    ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if k <= 20:

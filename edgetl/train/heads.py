@@ -95,12 +95,12 @@ def train(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np
     if device == "cpu":  # small matrices: one thread is as fast idle, and many times faster on a busy machine
         torch.set_num_threads(1)
     try:
-        return _train(x_train, y_train, x_val, y_val, n_classes, cfg, device)
+        return _train(x_train, y_train, x_val, y_val, n_classes, cfg, device, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(x_train, y_train, x_val, y_val, n_classes, cfg, device) -> Fit:
+def _train(x_train, y_train, x_val, y_val, n_classes, cfg, device, log=None) -> Fit:
     import torch
 
     t0 = time.perf_counter()
@@ -120,6 +120,7 @@ def _train(x_train, y_train, x_val, y_val, n_classes, cfg, device) -> Fit:
     has_val = len(xv) > 0
     epochs = cfg.max_epochs if has_val else min(cfg.max_epochs, NO_VAL_EPOCHS)
     best = (float("inf"), -1, None)
+    shown = t0
     hist = {"train_loss": [], "val_loss": [], "val_acc": [], "val_balanced_acc": []}
     epoch = 0
     for epoch in range(1, epochs + 1):
@@ -149,6 +150,9 @@ def _train(x_train, y_train, x_val, y_val, n_classes, cfg, device) -> Fit:
             best = (vloss, epoch, copy.deepcopy(head.state_dict()))
         elif has_val and epoch - best[1] >= cfg.patience:
             break
+        if log and time.perf_counter() - shown > 10:  # a long run says where it is
+            shown = time.perf_counter()
+            log(f"epoch {epoch}/{epochs} after {shown - t0:.0f} s (best so far: epoch {best[1]})")
     head.load_state_dict(best[2])
     head.eval().cpu()
     weights = class_weights(y_train, n_classes) if cfg.balance == "weighted" else None

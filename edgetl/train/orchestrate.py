@@ -149,7 +149,7 @@ def _train_frozen(r, backbone, bmeta, backbone_path, ds, split, y_train, y_val, 
     views = [r] + _aug_views(backbone_path, ds, split, augment, cache_root, device, batch_size, log)
     x_train = np.concatenate([_rows(v, split.train) for v in views])
     y_all = np.concatenate([y_train] * len(views))
-    tr = train(x_train, y_all, _rows(r, split.val), y_val, len(ds.classes), cfg, device=torch_device)
+    tr = train(x_train, y_all, _rows(r, split.val), y_val, len(ds.classes), cfg, device=torch_device, log=log)
     head_model, diff = fuse.export_head(tr.model, x_train.shape[1], ds.classes, {
         C.KEY_BACKBONE: bmeta[C.KEY_BACKBONE], C.KEY_FINGERPRINT: bmeta[C.KEY_FINGERPRINT],
         C.KEY_HEAD: json.dumps(cfg.describe())})
