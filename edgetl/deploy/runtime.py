@@ -27,6 +27,10 @@ def cuda_usable() -> bool:
     return _CUDA_OK
 
 
+# A one-node ONNX model (Identity, float[1], opset 17, IR 8), serialised: the runtime needs no onnx package.
+_PROBE_MODEL = "CAg6OwoQCgF4EgF5IghJZGVudGl0eRIFcHJvYmVaDwoBeBIKCggIARIECgIIAWIPCgF5EgoKCAgBEgQKAggBQgQKABAR"
+
+
 def _probe_cuda() -> bool:
     import onnxruntime as ort
 
@@ -37,16 +41,11 @@ def _probe_cuda() -> bool:
     try:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels that torch brings, if any
-        from onnx import TensorProto, helper
+        import base64
 
-        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", C.OPSET)])
-        m.ir_version = C.IR_VERSION
         so = ort.SessionOptions()
         so.log_severity_level = 4
-        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        s = ort.InferenceSession(base64.b64decode(_PROBE_MODEL), so, providers=["CUDAExecutionProvider"])
         return "CUDAExecutionProvider" in s.get_providers()
     except Exception:
         return False
