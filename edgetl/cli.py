@@ -354,7 +354,7 @@ def predict(model, paths, top_k, fmt, device):
         elif writer:
             writer.writerow([safe(name)] + [v for c, p in (top or []) for v in (safe(c), f"{p:.6f}")] + [safe(err or "")])
         else:
-            click.echo(safe(f"{name}\t" + ("  ".join(f"{c} {p:.3f}" for c, p in top) if top else f"error: {err}")))
+            click.echo(f"{safe(name)}\t" + ("  ".join(f"{safe(c)} {p:.3f}" for c, p in top) if top else f"error: {safe(err)}"))
     if failed:
         videos = [f for f in files if runtime.is_video(f)]
         hint = f"; {q(videos[0])} is a video: edgetl run --source {q(videos[0])}" if videos else ""
