@@ -158,7 +158,7 @@ def test_calibration_on_a_black_photo_is_refused_and_writes_nothing(tiny, black_
     assert r.exit_code == 1, r.output
     err = r.output.strip().splitlines()[-1]
     assert err.startswith("Error: int8 refused: val accuracy ") and "vs float32 " in err and "nothing written" in err
-    assert "also keeping the first conv" in err
+    assert "also with the first conv, the head and " in err and " depthwise convs kept in float" in err
     assert list(out.iterdir()) == []
     with pytest.raises(GateRefused) as e:
         Q.quantize_model(tiny[0], black_calibration, calib_images=1)
@@ -174,7 +174,8 @@ def test_max_drop_decides(tiny, black_calibration, tmp_path):
         Q.quantize_file(tiny[0], black_calibration, out, max_drop=0.0)
     assert not out.exists()
     r, _ = Q.quantize_file(tiny[0], black_calibration, out, max_drop=1.0, force=True)
-    assert out.exists() and r.summary["accuracy_drop"] > 0.01 and r.summary["attempts"][0]["kept_float"] == "nothing"
+    assert out.exists() and r.summary["accuracy_drop"] > 0.01
+    assert r.summary["attempts"][0]["kept_float"] == "the first conv and the head"
 
 
 def test_not_faster_is_refused_unless_forced(tiny, tmp_path):
@@ -250,4 +251,5 @@ def test_lite0_int8_on_hymenoptera_drops_at_most_one_point(lite0_onnx, hymenopte
     print(Q.gate_line(s))
     assert s["validation"]["images"] == 153 and s["calibration"]["images"] == 200
     assert s["accuracy_drop"] <= 0.01 and s["agreement"] >= 0.97
-    assert s["calibration"]["kept_float"] == []
+    assert s["calibration"]["kept_float"]["what"] == "the first conv and the head"
+    assert s["calibration"]["kept_float"]["nodes"][-1].startswith("head/")
