@@ -434,18 +434,16 @@ def quantize_model(model, data, precision: str = "int8", max_drop: float = 0.01,
 
     Calibration (int8) uses the training photos of `data` (select_split "train"), the gate its
     validation photos (select_split "val"). reduce_range None: `default_reduce_range()`. device
-    None: cpu for int8, auto (CUDA when usable) for fp16. Writes nothing.
+    None: cpu for int8, auto (CUDA when usable) for fp16. threads: onnxruntime's intra-op threads
+    for the gate (None: its default). Writes nothing; `log` receives progress lines.
 
-    Raises GateRefused (with .summary) when the accuracy drop exceeds `max_drop` (after keeping
-    sensitive nodes in float, for int8), or when the model is not `min_speedup` times faster at
-    batch 1 and not `force`; DataError when there are no calibration or validation photos;
-    ModelError when the model is not a float32 edgetl model.
+    Raises GateRefused (with .summary) when the accuracy drop exceeds `max_drop` (for int8, after
+    keeping more nodes in float), or when the model is not `min_speedup` times faster at batch 1
+    and not `force`; DataError when there are no calibration or validation photos; ModelError
+    when the model is not a float32 edgetl model.
     """
-    import onnx
-
-    from edgetl.deploy.bench import time_interleaved
     from edgetl.deploy.runtime import load_model, select_split, session
-    from edgetl.export.torch_onnx import max_abs_diff, set_metadata, sha256_bytes
+    from edgetl.export.torch_onnx import sha256_bytes
     from edgetl.quality.report import metrics
 
     log = log or (lambda line: None)
@@ -464,7 +462,6 @@ def quantize_model(model, data, precision: str = "int8", max_drop: float = 0.01,
         except DataError as e:
             raise DataError(f"no validation photos to check the {precision} model on ({e})") from None
         images = _Images(val.items, fm.spec, fm.classes)
-
         s_float = session(source_bytes, device, threads)
         provider = s_float.get_providers()[0]
         f_pred, _, y = _predict(s_float, images)
@@ -473,119 +470,134 @@ def quantize_model(model, data, precision: str = "int8", max_drop: float = 0.01,
         f_metrics = metrics(y, f_pred, fm.classes)
         log(f"float32: val accuracy {f_metrics['accuracy']:.4f} on {len(y)} photos ({val.note}), {provider}")
 
-        prepared = prepare(source)
         x_check = next(images.batches())[0][:8]
-        prep_diff = max_abs_diff(session(prepared.SerializeToString(), "cpu").run(None, {C.IMAGE: x_check})[0],
-                                 session(source_bytes, "cpu").run(None, {C.IMAGE: x_check})[0], "prepared model")
-        if not prep_diff <= C.FUSE_ATOL:
-            raise ParityError(f"the prepared float graph differs from the model by {prep_diff:.2e} "
-                              f"(tolerance {C.FUSE_ATOL:.0e}); nothing written")
-        prepared_path = work / "prepared.onnx"
-        onnx.save(prepared, str(prepared_path))
+        prepared = _checked_prepare(source, source_bytes, x_check, work / "prepared.onnx")
         always_float = _input_chain(prepared) + [n.name for n in prepared.graph.node if n.op_type == "Softmax"]
-
-        calib = None
+        calib, plans = None, [("nothing", [])]
         if precision == "int8":
-            try:
-                cal = select_split(fm, data, "train")
-            except DataError as e:
-                raise DataError(f"no training photos to calibrate int8 on ({e})") from None
-            overlap = {Path(it.path).resolve() for it in cal.items} & {Path(it.path).resolve() for it in val.items}
-            if overlap:
-                raise DataError(f"{len(overlap)} photos are in both the training and the validation split of {data}")
-            cal_images, cal_skipped = calibration_images(cal.items, fm.spec, calib_images)
-            if not cal_images:
-                raise DataError(f"none of the training photos of {data} could be read for calibration")
-            calib = {"method": calibration, "images": len(cal_images), "skipped": cal_skipped, "split": cal.note,
-                     "reduce_range": rr, "per_channel": True, "activations": "uint8", "weights": "int8",
-                     "format": "QDQ", "kept_float": None}
-            log(f"int8: calibrating on {len(cal_images)} training photos ({calibration}, "
+            cal_images, calib = _calibration_set(fm, data, val, calib_images, calibration, rr, select_split)
+            log(f"int8: calibrating on {calib['images']} training photos ({calibration}, "
                 f"reduce_range {'on' if rr else 'off'}, per-channel weights)")
-            rungs = float_plans(prepared)
-        else:
-            rungs = [("nothing", [])]
-
-        attempts, chosen = [], None
-        for label, keep in rungs:
-            if precision == "int8":
-                q = _int8(prepared_path, work / "q.onnx", cal_images, calibration, rr, always_float + keep,
-                          work / "calibration.json")
-            else:
-                q = _fp16(prepared, always_float)
-            q_bytes = q.SerializeToString()
-            s_q = session(q_bytes, device, threads)
-            q_pred, _, _ = _predict(s_q, images)
-            q_metrics = metrics(y, q_pred, fm.classes)
-            drop = f_metrics["accuracy"] - q_metrics["accuracy"]
-            attempt = {"kept_float": label, "nodes_kept_float": len(keep), "accuracy": q_metrics["accuracy"],
-                       "accuracy_drop": drop, "agreement": float(np.mean(q_pred == f_pred))}
-            attempts.append(attempt)
-            log(f"{precision} (kept in float: {label}): val accuracy {q_metrics['accuracy']:.4f} vs float32 "
-                f"{f_metrics['accuracy']:.4f}, drop {100 * drop:+.1f} points, top-1 agreement "
-                f"{100 * attempt['agreement']:.1f} %")
-            if drop <= max_drop + 1e-12:
-                chosen = (label, keep, q, q_bytes, s_q, q_metrics, attempt)
-                break
+            plans = float_plans(prepared)
 
         summary = {
             "precision": precision, "source": name, "source_sha256": sha256_bytes(source_bytes), "data": str(data),
             "validation": {"images": int(len(y)), "split": val.note, "skipped": len(images.skipped)},
-            "calibration": calib, "max_drop": max_drop, "attempts": attempts,
-            "float32": {"accuracy": f_metrics["accuracy"], "correct": f_metrics["correct"], "n": f_metrics["n"],
-                        "confusion_matrix": f_metrics["confusion_matrix"]},
-            "classes": fm.classes, "latency": None, "forced": False, "passed": False,
+            "calibration": calib, "max_drop": max_drop, "attempts": [], "classes": fm.classes,
+            "float32": _figures(f_metrics), "latency": None, "forced": False, "passed": False,
         }
+        chosen = None
+        for label, keep in plans:
+            if precision == "int8":
+                q = _int8(work / "prepared.onnx", work / "q.onnx", cal_images, calibration, rr, always_float + keep,
+                          work / "calibration.json")
+            else:
+                q = _fp16(prepared, always_float)
+            s_q = session(q.SerializeToString(), device, threads)
+            q_pred, _, _ = _predict(s_q, images)
+            q_metrics = metrics(y, q_pred, fm.classes)
+            attempt = {"kept_float": label, "nodes_kept_float": len(keep), "accuracy": q_metrics["accuracy"],
+                       "accuracy_drop": f_metrics["accuracy"] - q_metrics["accuracy"],
+                       "agreement": float(np.mean(q_pred == f_pred))}
+            summary["attempts"].append(attempt)
+            summary.update({precision: _figures(q_metrics), "accuracy_drop": attempt["accuracy_drop"],
+                            "agreement": attempt["agreement"]})
+            log(f"{precision} (kept in float: {label}): {gate_line(summary)}")
+            if attempt["accuracy_drop"] <= max_drop + 1e-12:
+                chosen = (label, keep, q, s_q)
+                break
         if chosen is None:
-            best = max(attempts, key=lambda a: a["accuracy"])
-            summary.update({precision: {"accuracy": best["accuracy"]}, "accuracy_drop": best["accuracy_drop"],
-                            "agreement": best["agreement"]})
-            tried = f", also with {rungs[-1][0]} kept in float" if len(rungs) > 1 else ""
-            raise GateRefused(f"{precision} refused: val accuracy {best['accuracy']:.4f} vs float32 "
-                              f"{f_metrics['accuracy']:.4f} (drop {100 * best['accuracy_drop']:.1f} points > "
+            tried = f", also with {plans[-1][0]} kept in float" if len(plans) > 1 else ""
+            raise GateRefused(f"{precision} refused: val accuracy {summary[precision]['accuracy']:.4f} vs float32 "
+                              f"{f_metrics['accuracy']:.4f} (drop {100 * summary['accuracy_drop']:.1f} points > "
                               f"--max-drop {100 * max_drop:.1f}){tried}; nothing written", summary)
-
-        label, keep, q, q_bytes, s_q, q_metrics, attempt = chosen
+        label, keep, q, s_q = chosen
         if calib is not None:
             calib["kept_float"] = {"what": label, "nodes": keep}
-        summary.update({precision: {"accuracy": q_metrics["accuracy"], "correct": q_metrics["correct"],
-                                    "n": q_metrics["n"], "confusion_matrix": q_metrics["confusion_matrix"]},
-                        "accuracy_drop": attempt["accuracy_drop"], "agreement": attempt["agreement"]})
 
-        x1 = x_check[:1]
-        stats = time_interleaved({"float32": lambda: s_float.run([C.PROBABILITIES], {C.IMAGE: x1}),
-                                  precision: lambda: s_q.run([C.PROBABILITIES], {C.IMAGE: x1})},
-                                 rounds=GATE_ROUNDS, warmup=5, budget_s=GATE_BUDGET_S)
-        f_ms, q_ms = stats["float32"]["p50_ms"], stats[precision]["p50_ms"]
-        summary["latency"] = {"provider": provider, "threads": threads or 0, "batch": 1, "float32_ms": f_ms,
-                              f"{precision}_ms": q_ms, "speedup": f_ms / q_ms, "runs": stats["float32"]["runs"],
-                              "min_speedup": min_speedup}
-        log(f"latency at batch 1 ({provider}, median of {stats['float32']['runs']} interleaved runs): float32 "
-            f"{f_ms:.2f} ms, {precision} {q_ms:.2f} ms, {f_ms / q_ms:.2f}x")
-        if f_ms / q_ms < min_speedup:
+        lat = summary["latency"] = _latency(s_float, s_q, x_check[:1], precision, provider, threads, min_speedup)
+        log(f"latency at batch 1 ({provider}, median of {lat['runs']} interleaved runs): float32 "
+            f"{lat['float32_ms']:.2f} ms, {precision} {lat[precision + '_ms']:.2f} ms, {lat['speedup']:.2f}x")
+        if lat["speedup"] < min_speedup:
             if not force:
-                raise GateRefused(f"{precision} is not faster here: {q_ms:.2f} ms vs float32 {f_ms:.2f} ms at batch 1 "
-                                  f"on {provider} ({f_ms / q_ms:.2f}x < {min_speedup:.2f}x); nothing written "
-                                  "(--force writes it anyway)", summary)
+                raise GateRefused(f"{precision} is not faster here: {lat[precision + '_ms']:.2f} ms vs float32 "
+                                  f"{lat['float32_ms']:.2f} ms at batch 1 on {provider} ({lat['speedup']:.2f}x < "
+                                  f"{min_speedup:.2f}x); nothing written (--force writes it anyway)", summary)
             summary["forced"] = True
         summary["passed"] = not summary["forced"]
-
-        gate = {k: summary[k] for k in ("accuracy_drop", "agreement", "max_drop", "latency", "forced")}
-        gate.update({"float32_accuracy": f_metrics["accuracy"], f"{precision}_accuracy": q_metrics["accuracy"],
-                     "validation_images": int(len(y)), "split": val.note})
-        del q.metadata_props[:]
-        meta = {p.key: p.value for p in source.metadata_props}
-        meta.update({C.KEY_VERSION: __version__, C.KEY_PRECISION: precision,
-                     C.KEY_SOURCE_SHA256: summary["source_sha256"], C.KEY_GATE: json.dumps(gate)})
-        if calib is not None:
-            meta[C.KEY_CALIBRATION] = json.dumps(calib)
-        set_metadata(q, meta)
-        q.producer_name, q.producer_version = "edgetl", __version__
-        _check_io(q, source)
-        out = q.SerializeToString()
-        summary["sha256"] = sha256_bytes(out)
-        summary["bytes"] = len(out)
-        summary["float32_bytes"] = len(source_bytes)
+        out = _with_metadata(q, source, summary)
+        summary.update({"sha256": sha256_bytes(out), "bytes": len(out), "float32_bytes": len(source_bytes)})
         return QuantResult(out, precision, summary)
+
+
+def _figures(m: dict) -> dict:
+    return {k: m[k] for k in ("accuracy", "correct", "n", "confusion_matrix")}
+
+
+def _checked_prepare(source, source_bytes: bytes, x: np.ndarray, path: Path):
+    """`prepare(source)`, saved to `path`, after checking it gives the model's outputs on `x`."""
+    import onnx
+
+    from edgetl.deploy.runtime import session
+    from edgetl.export.torch_onnx import max_abs_diff
+
+    prepared = prepare(source)
+    diff = max_abs_diff(session(prepared.SerializeToString(), "cpu").run(None, {C.IMAGE: x})[0],
+                        session(source_bytes, "cpu").run(None, {C.IMAGE: x})[0], "prepared model")
+    if not diff <= C.FUSE_ATOL:
+        raise ParityError(f"the prepared float graph differs from the model by {diff:.2e} "
+                          f"(tolerance {C.FUSE_ATOL:.0e}); nothing written")
+    onnx.save(prepared, str(path))
+    return prepared
+
+
+def _calibration_set(fm, data, val, n: int, method: str, reduce_range: bool, select_split):
+    """(decoded training photos, calibration summary); DataError without usable training photos."""
+    try:
+        cal = select_split(fm, data, "train")
+    except DataError as e:
+        raise DataError(f"no training photos to calibrate int8 on ({e})") from None
+    overlap = {Path(it.path).resolve() for it in cal.items} & {Path(it.path).resolve() for it in val.items}
+    if overlap:
+        raise DataError(f"{len(overlap)} photos are in both the training and the validation split of {data}")
+    images, skipped = calibration_images(cal.items, fm.spec, n)
+    if not images:
+        raise DataError(f"none of the training photos of {data} could be read for calibration")
+    return images, {"method": method, "images": len(images), "skipped": skipped, "split": cal.note,
+                    "reduce_range": reduce_range, "per_channel": True, "activations": "uint8", "weights": "int8",
+                    "format": "QDQ", "kept_float": None}
+
+
+def _latency(s_float, s_q, x1, precision: str, provider: str, threads, min_speedup: float) -> dict:
+    """Batch-1 medians of both sessions, interleaved (`time_interleaved`, as `edgetl bench`)."""
+    from edgetl.deploy.bench import time_interleaved
+
+    stats = time_interleaved({"float32": lambda: s_float.run([C.PROBABILITIES], {C.IMAGE: x1}),
+                              precision: lambda: s_q.run([C.PROBABILITIES], {C.IMAGE: x1})},
+                             rounds=GATE_ROUNDS, warmup=5, budget_s=GATE_BUDGET_S)
+    f_ms, q_ms = stats["float32"]["p50_ms"], stats[precision]["p50_ms"]
+    return {"provider": provider, "threads": threads or 0, "batch": 1, "float32_ms": f_ms, f"{precision}_ms": q_ms,
+            "speedup": f_ms / q_ms, "runs": stats["float32"]["runs"], "min_speedup": min_speedup}
+
+
+def _with_metadata(q, source, summary: dict) -> bytes:
+    """The float32 model's metadata plus precision, source hash, calibration and the gate's figures; checked."""
+    from edgetl.export.torch_onnx import set_metadata
+
+    p = summary["precision"]
+    gate = {k: summary[k] for k in ("accuracy_drop", "agreement", "max_drop", "latency", "forced")}
+    gate.update({"float32_accuracy": summary["float32"]["accuracy"], f"{p}_accuracy": summary[p]["accuracy"],
+                 "validation_images": summary["validation"]["images"], "split": summary["validation"]["split"]})
+    meta = {m.key: m.value for m in source.metadata_props}
+    meta.update({C.KEY_VERSION: __version__, C.KEY_PRECISION: p, C.KEY_SOURCE_SHA256: summary["source_sha256"],
+                 C.KEY_GATE: json.dumps(gate)})
+    if summary["calibration"] is not None:
+        meta[C.KEY_CALIBRATION] = json.dumps(summary["calibration"])
+    del q.metadata_props[:]
+    set_metadata(q, meta)
+    q.producer_name, q.producer_version = "edgetl", __version__
+    _check_io(q, source)
+    return q.SerializeToString()
 
 
 def write_quantized(result: QuantResult, out) -> Path:
