@@ -296,8 +296,9 @@ def quantize(model, data, precision, max_drop, calib_images, calibration, reduce
 
 @main.command("bench")
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
-              help="onnxruntime provider; an error (never a fallback) when it cannot run the models.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "openvino"]),
+              help="onnxruntime CPU or CUDA, or OpenVINO's CPU plugin (pip install openvino); an error, never a "
+                   "fallback, when it cannot run the models.")
 @click.option("--batch", default="1,8,32", show_default=True, help="Batch sizes, a comma list.")
 @click.option("--threads", default=None, help="onnxruntime intra-op threads, a comma list [default: onnxruntime's choice].")
 @click.option("--images", type=click.Path(exists=True),
@@ -305,8 +306,10 @@ def quantize(model, data, precision, max_drop, calib_images, calibration, reduce
                    "read, decode, resize and inference.")
 @click.option("--rounds", default=50, show_default=True, type=click.IntRange(1),
               help="Timed runs per model and setting, at most (models interleaved).")
+@click.option("--spin/--no-spin", default=True, show_default=True,
+              help="Idle onnxruntime threads busy-wait between runs (its default); --no-spin frees the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_cmd(models, device, batch, threads, images, rounds, as_json):
+def bench_cmd(models, device, batch, threads, images, rounds, spin, as_json):
     """Latency p50/p90/p99, throughput, size and memory of MODELS, timed interleaved on this machine."""
     import json
 
@@ -322,7 +325,8 @@ def bench_cmd(models, device, batch, threads, images, rounds, as_json):
         return values
 
     r = bench.bench(list(models), device=device, batches=ints(batch, "--batch"),
-                    threads=ints(threads, "--threads") if threads else [None], images=images, rounds=rounds)
+                    threads=ints(threads, "--threads") if threads else [None], images=images, rounds=rounds,
+                    spin=spin)
     click.echo(json.dumps(r, indent=1) if as_json else bench.table(r))
 
 

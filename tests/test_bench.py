@@ -43,7 +43,8 @@ def test_bench_json_schema(models):
     out = json.loads(r.stdout)
     assert set(out) == {"machine", "models", "results", "images"}
     m = out["machine"]
-    assert set(m) == {"cpu", "cores", "onnxruntime", "device", "peak_rss_mb"}
+    assert set(m) == {"cpu", "cores", "onnxruntime", "device", "spin", "peak_rss_mb"}
+    assert m["spin"] is True
     assert isinstance(m["cpu"], str) and isinstance(m["cores"], int) and m["device"] == "cpu"
     assert isinstance(m["peak_rss_mb"], float) and m["peak_rss_mb"] > 0
     assert [x["path"] for x in out["models"]] == [str(fp32), str(int8)]
@@ -94,6 +95,16 @@ def test_bench_rejects_bad_lists_and_non_models(models, tiny_onnx):
     assert r.exit_code == 2 and "comma list" in r.output
     r = cli("bench", tiny_onnx, "--rounds", "1")
     assert r.exit_code == 1 and "not a fused model" in r.output
+
+
+def test_bench_openvino_names_what_ran(models):
+    pytest.importorskip("openvino")
+    r = cli("bench", models[0], models[1], "--device", "openvino", "--batch", "2", "--threads", "1", "--rounds", "2",
+            "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert all(x["provider"].startswith("OpenVINO CPU ") for x in out["models"] + out["results"])
+    assert all(x["p50_ms"] > 0 for x in out["results"])
 
 
 def test_time_interleaved_rotates_and_counts():

@@ -85,7 +85,7 @@ def peak_rss_bytes() -> int | None:
         return None
 
 
-def model_memory(path, device: str, threads: int | None, batch: int) -> float | None:
+def model_memory(path, device: str, threads: int | None, batch: int, size: tuple[int, int]) -> float | None:
     """Peak resident memory (MB) that loading `path` and running one batch of `batch` adds to a
     process that has imported onnxruntime: measured in a child process, so that models measured one
     after the other do not share arenas and one-time costs. None when it cannot be measured."""
@@ -93,7 +93,8 @@ def model_memory(path, device: str, threads: int | None, batch: int) -> float | 
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "edgetl.deploy.bench", "--memory", str(path), device, str(threads or 0), str(batch)]
+    cmd = [sys.executable, "-m", "edgetl.deploy.bench", "--memory", str(path), device, str(threads or 0), str(batch),
+           *map(str, size)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         return json.loads(r.stdout.strip().splitlines()[-1])["memory_mb"] if r.returncode == 0 else None
@@ -101,16 +102,13 @@ def model_memory(path, device: str, threads: int | None, batch: int) -> float | 
         return None
 
 
-def _memory_child(path: str, device: str, threads: int, batch: int) -> None:
+def _memory_child(path: str, device: str, threads: int, batch: int, h: int, w: int) -> None:
     import json
 
     import onnxruntime  # noqa: F401  (imported before the baseline)
 
-    from edgetl.deploy.runtime import load_model
-
     base = rss_bytes()
-    m = load_model(path, device, threads or None)
-    m.probabilities(_batch(None, batch, m.spec.input_size))
+    open_session(path, device, threads or None).run([C.PROBABILITIES], {C.IMAGE: _batch(None, batch, (h, w))})
     peak = peak_rss_bytes()
     print(json.dumps({"memory_mb": (peak - base) / 1e6 if peak and base else None}))
 
@@ -126,11 +124,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def open_session(path, device: str, threads: int | None):
-    """A session on `device` whose first provider is the one asked for; EdgetlError otherwise."""
+class OpenVINOSession:
+    """What bench needs of an onnxruntime session, run by OpenVINO's CPU plugin (`pip install openvino`).
+
+    OpenVINO reads model.onnx unchanged; on CPUs with bf16 support its default precision is bf16,
+    which the provider name says (e.g. "OpenVINO CPU bf16")."""
+
+    def __init__(self, path, threads: int | None, spin: bool = True):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise EdgetlError("--device openvino needs the openvino package: pip install 'edgetl[openvino]'") from None
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self._request = compiled.create_infer_request()
+        self._provider = f"OpenVINO CPU {compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()}"
+
+    def get_providers(self) -> list[str]:
+        return [self._provider]
+
+    def run(self, names, feeds: dict) -> list[np.ndarray]:
+        self._request.infer({0: feeds[C.IMAGE]})
+        return [self._request.get_output_tensor(0).data.copy()]
+
+
+def open_session(path, device: str, threads: int | None, spin: bool = True):
+    """A session on `device` (cpu, cuda: onnxruntime; openvino) whose first provider is the one asked
+    for; EdgetlError otherwise. spin=False: idle onnxruntime threads do not busy-wait."""
     from edgetl.deploy.runtime import session
 
-    sess = session(path, device, threads)
+    if device == "openvino":
+        return OpenVINOSession(path, threads)
+    sess = session(path, device, threads, spin)
     ran = sess.get_providers()[0]
     if device in EXPECTED_PROVIDER and ran != EXPECTED_PROVIDER[device]:
         raise EdgetlError(f"{path}: --device {device} asked for {EXPECTED_PROVIDER[device]} but onnxruntime "
@@ -190,15 +216,18 @@ def image_split(paths: list[Path], spec, runs: dict[str, Callable[[np.ndarray], 
 
 
 def bench(models: list[str], device: str = "cpu", batches=(1,), threads=(None,), images: str | None = None,
-          rounds: int = 50, budget_s: float = 10.0, max_images: int = 50, memory_check: bool = True) -> dict:
+          rounds: int = 50, budget_s: float = 10.0, max_images: int = 50, memory_check: bool = True,
+          spin: bool = True) -> dict:
     """Benchmark edgetl models: latency p50/p90/p99 and throughput per model × batch × threads.
 
-    Models are timed interleaved in this process on `device` (the provider that ran is named;
-    EdgetlError when it is not the one asked for). With `images` (a folder, file or glob), the
-    per-image split of time into read, decode, resize and inference. Memory is measured in a child
-    process per model (`model_memory`). Returns a JSON-ready dict.
+    Models are timed interleaved in this process on `device` (cpu, cuda or openvino; the provider
+    that ran is named; EdgetlError when it is not the one asked for). spin=False stops idle
+    onnxruntime threads from busy-waiting (they otherwise slow the next model on a small CPU).
+    With `images` (a folder, file or glob), the per-image split of time into read, decode, resize
+    and inference. Memory is measured in a child process per model (`model_memory`). Returns a
+    JSON-ready dict.
     """
-    from edgetl.deploy.runtime import expand_paths, load_model, read_metadata
+    from edgetl.deploy.runtime import expand_paths, load_model
 
     if not models:
         raise EdgetlError("no models to benchmark")
@@ -206,12 +235,11 @@ def bench(models: list[str], device: str = "cpu", batches=(1,), threads=(None,),
     loaded, info = {}, []
     for path in models:
         m = load_model(path, "cpu")  # validates it is an edgetl model
-        sessions = {t: open_session(path, device, t) for t in threads}
-        memory = model_memory(path, device, threads[0], max(batches)) if memory_check else None
-        m.session = sessions[threads[0]]
+        sessions = {t: open_session(path, device, t, spin) for t in threads}
+        memory = model_memory(path, device, threads[0], max(batches), m.spec.input_size) if memory_check else None
         loaded[path] = (m, sessions)
-        info.append({"path": str(path), "precision": read_metadata(m.session).get(C.KEY_PRECISION, "float32"),
-                     "size_mb": Path(path).stat().st_size / 1e6, "provider": m.session.get_providers()[0],
+        info.append({"path": str(path), "precision": m.metadata.get(C.KEY_PRECISION, "float32"),
+                     "size_mb": Path(path).stat().st_size / 1e6, "provider": sessions[threads[0]].get_providers()[0],
                      "memory_mb": memory, "input_size": list(m.spec.input_size)})
     specs = {m.spec for m, _ in loaded.values()}
     photos = None
@@ -238,7 +266,8 @@ def bench(models: list[str], device: str = "cpu", batches=(1,), threads=(None,),
                                 "batch": b, "threads": t or 0, **st, "throughput_ips": b / (st["p50_ms"] / 1e3)})
     import onnxruntime as ort
 
-    out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "device": device},
+    out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "device": device,
+                       "spin": spin},
            "models": info, "results": results, "images": None}
     if paths:
         spec = next(iter(specs))
@@ -256,7 +285,8 @@ def table(r: dict) -> str:
     """The human table of a `bench` result."""
     m = r["machine"]
     peak = f"; peak RSS {m['peak_rss_mb']:.0f} MB" if m.get("peak_rss_mb") else ""
-    lines = [f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, device {m['device']}{peak}", ""]
+    lines = [f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, device {m['device']}"
+             f"{'' if m['spin'] else ', no spinning'}{peak}", ""]
     name = {x["path"]: (Path(x["path"]).name if _unique_names(r) else x["path"]) for x in r["models"]}
     w = max(5, *(len(n) for n in name.values()))
     lines.append(f"{'model':<{w}}  precision  {'size':>8}  {'memory':>8}  provider")
@@ -285,5 +315,5 @@ def _unique_names(r: dict) -> bool:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) == 6 and sys.argv[1] == "--memory":
-        _memory_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    if len(sys.argv) == 8 and sys.argv[1] == "--memory":
+        _memory_child(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))
