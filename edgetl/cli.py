@@ -404,5 +404,75 @@ def _newest_model() -> str:
     return str(found[-1])
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The labelled photos MODEL was trained on: int8 calibrates on their training split, "
+                   "the gate checks on their validation split.")
+@click.option("--precision", default="int8", show_default=True, type=click.Choice(["int8", "fp16"]),
+              help="int8 for CPUs (static QDQ, per-channel weights); fp16 for GPUs.")
+@click.option("--max-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+              help="Largest validation accuracy drop accepted vs float32 (0.01 = 1 point).")
+@click.option("--calib-images", default=200, show_default=True, type=click.IntRange(1),
+              help="Training photos used to calibrate int8 activation ranges.")
+@click.option("--calibration", default="minmax", show_default=True,
+              type=click.Choice(["minmax", "percentile", "entropy"]), help="How int8 activation ranges are chosen.")
+@click.option("--reduce-range", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="7-bit int8 weights; auto: on for x86 CPUs without VNNI (onnxruntime's advice).")
+@click.option("--device", default=None, type=DEVICE,
+              help="Where the gate measures accuracy and latency [default: cpu for int8, auto for fp16].")
+@click.option("--force", is_flag=True, help="Write it even when it is not faster (never when it is worse).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output file [default: beside MODEL, model.int8.onnx or model.fp16.onnx].")
+def quantize(model, data, precision, max_drop, calib_images, calibration, reduce_range, device, force, output):
+    """An int8 or fp16 copy of MODEL, written only when measured no worse and faster than float32."""
+    from edgetl.export.quantize import quantize_file
+
+    r, out = quantize_file(model, data, output, precision=precision, max_drop=max_drop, calib_images=calib_images,
+                           calibration=calibration, reduce_range={"auto": None, "on": True, "off": False}[reduce_range],
+                           device=device, force=force, log=lambda line: click.echo(line, err=True))
+    s = r.summary
+    forced = " (--force: not faster)" if s["forced"] else ""
+    click.echo(f"wrote {out} ({r.precision}, {s['bytes'] / 1e6:.1f} MB vs {s['float32_bytes'] / 1e6:.1f} MB){forced}: "
+               f"{r.line()}")
+    click.echo(f"next: edgetl bench {model} {out}")
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "openvino"]),
+              help="onnxruntime CPU or CUDA, or OpenVINO's CPU plugin (pip install openvino); an error, never a "
+                   "fallback, when it cannot run the models.")
+@click.option("--batch", default="1,8,32", show_default=True, help="Batch sizes, a comma list.")
+@click.option("--threads", default=None, help="onnxruntime intra-op threads, a comma list [default: onnxruntime's choice].")
+@click.option("--images", type=click.Path(exists=True),
+              help="Photos (folder, file or glob): batches are made of them, and one photo's time is split into "
+                   "read, decode, resize and inference.")
+@click.option("--rounds", default=50, show_default=True, type=click.IntRange(1),
+              help="Timed runs per model and setting, at most (models interleaved).")
+@click.option("--spin/--no-spin", default=True, show_default=True,
+              help="Idle onnxruntime threads busy-wait between runs (its default); --no-spin frees the CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_cmd(models, device, batch, threads, images, rounds, spin, as_json):
+    """Latency p50/p90/p99, throughput, size and memory of MODELS, timed interleaved on this machine."""
+    import json
+
+    from edgetl.deploy import bench
+
+    def ints(text, name):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise click.BadParameter(f"{text!r} is not a comma list of positive numbers", param_hint=name)
+        return values
+
+    r = bench.bench(list(models), device=device, batches=ints(batch, "--batch"),
+                    threads=ints(threads, "--threads") if threads else [None], images=images, rounds=rounds,
+                    spin=spin)
+    click.echo(json.dumps(r, indent=1) if as_json else bench.table(r))
+
+
 if __name__ == "__main__":
     main()

@@ -31,6 +31,10 @@ KEY_BACKBONE_SHA256 = "edgetl.backbone_sha256"
 KEY_TRAINING = "edgetl.training"  # JSON summary of training
 KEY_SPLIT = "edgetl.split"  # JSON {"note", "n_train", "n_val", "train", "val"}: content keys of the photos (data/split.py)
 KEY_CUT = "edgetl.cut"  # JSON {"unfreeze": N, "block": k, "blocks": B, "shape": [C, h, w]} of a trunk
+KEY_PRECISION = "edgetl.precision"  # "int8" | "fp16" on a quantized/converted model (absent: float32)
+KEY_SOURCE_SHA256 = "edgetl.source_sha256"  # sha256 of the float32 model.onnx it was made from
+KEY_CALIBRATION = "edgetl.calibration"  # JSON: method, images, reduce_range, nodes kept in float...
+KEY_GATE = "edgetl.gate"  # JSON: the gate's measured accuracy, agreement and latency figures
 
 FORMAT_BACKBONE = "backbone"
 FORMAT_HEAD = "head"

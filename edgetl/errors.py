@@ -35,3 +35,11 @@ class CacheError(EdgetlError):
 
 class OutputError(EdgetlError):
     """An output path that cannot be written."""
+
+
+class GateRefused(EdgetlError):
+    """An int8/fp16 model that the gate refused (worse, or not faster); `summary` holds the figures."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary or {}

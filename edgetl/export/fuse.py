@@ -44,7 +44,7 @@ def fuse(backbone, head):
     import onnx
     from onnx import compose
 
-    from edgetl.export.torch_onnx import set_metadata, sha256_bytes
+    from edgetl.export.torch_onnx import check_model, dedupe_opsets, set_metadata, sha256_bytes
 
     bm, hm = _meta(backbone), _meta(head)
     pairs = {C.FORMAT_BACKBONE: C.FORMAT_HEAD, C.FORMAT_TRUNK: C.FORMAT_TOP}
@@ -76,6 +76,7 @@ def fuse(backbone, head):
     for node in fused.graph.node:
         node.output[:] = [C.PROBABILITIES if o == out.name else o for o in node.output]
     out.name = C.PROBABILITIES
+    dedupe_opsets(fused)  # merge_models lists the default domain once per side
     del fused.metadata_props[:]
     meta = {k: v for k, v in bm.items() if k != C.KEY_FORMAT}
     meta.update({k: v for k, v in hm.items() if k != C.KEY_FORMAT})
@@ -84,7 +85,7 @@ def fuse(backbone, head):
                  C.KEY_HEAD_SHA256: sha256_bytes(head.SerializeToString())})
     set_metadata(fused, meta)
     fused.ir_version = C.IR_VERSION
-    onnx.checker.check_model(fused, full_check=True)
+    check_model(fused)
     return fused
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from edgetl import __version__
 from edgetl import contract as C
 from edgetl.data.preprocess import Spec, load_image
-from edgetl.errors import ParityError
+from edgetl.errors import ModelError, ParityError
 from edgetl.files import writable_dir, write_bytes
 
 
@@ -55,8 +55,42 @@ def to_onnx(module, example, input_names, output_names, metadata: dict[str, str]
     model.producer_name = "edgetl"
     model.producer_version = __version__
     set_metadata(model, metadata)
-    onnx.checker.check_model(model, full_check=True)
+    check_model(model)
     return model
+
+
+def check_model(model) -> None:
+    """The structural check every artifact passes before it is written: the ONNX checker (with shape
+    inference), and each opset domain imported once ("" and "ai.onnx" being one domain; a repeated
+    domain makes onnxruntime's quantizer fail with "Failed to find proper ai.onnx domain").
+    Raises ModelError for a repeated domain, onnx's ValidationError for the rest.
+    """
+    import onnx
+
+    seen: dict[str, int] = {}
+    for o in model.opset_import:
+        domain = o.domain or "ai.onnx"
+        if domain in seen:
+            raise ModelError(f"the model imports opset domain {domain!r} twice (versions {seen[domain]} and "
+                             f"{o.version}); nothing written")
+        seen[domain] = o.version
+    onnx.checker.check_model(model, full_check=True)
+
+
+def dedupe_opsets(model) -> None:
+    """Keep one opset import per domain, in place (onnx.compose.merge_models repeats the default
+    domain). Raises ModelError when one domain is imported at two versions."""
+    kept: dict[str, object] = {}
+    for o in model.opset_import:
+        domain = o.domain or "ai.onnx"
+        if domain in kept and kept[domain].version != o.version:
+            raise ModelError(f"the models import opset domain {domain!r} at versions {kept[domain].version} "
+                             f"and {o.version}")
+        kept.setdefault(domain, o)
+    unique = [(o.domain, o.version) for o in kept.values()]
+    del model.opset_import[:]
+    for domain, version in unique:
+        model.opset_import.add(domain=domain, version=version)
 
 
 def set_metadata(model, metadata: dict[str, str]) -> None:
