@@ -244,8 +244,11 @@ def report_embed(r) -> None:
 @click.option("--augment", default=0, show_default=True, type=click.IntRange(0, 32),
               help="Cache K augmented views of each training image (with --unfreeze all: augment online).")
 @click.option("--train-bn", is_flag=True, help="Also update BatchNorm statistics of the trained blocks.")
+@click.option("--int8", is_flag=True, help="Also write model.int8.onnx for CPUs, through the gate of `edgetl quantize` "
+                                           "(only when measured no worse and faster on the validation photos).")
 def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout, epochs, patience, lr, weight_decay,
-                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, augment, train_bn):
+                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, augment, train_bn,
+                   int8):
     """Embed DATA (only new photos), train a head on the cached embeddings, and fuse backbone and head
     into one model.onnx, verified against the chained pair on every validation photo. Also writes
     metrics.json, MODEL_CARD.md, confusion.png, curves.png (and split.json when it made the split)."""
@@ -264,12 +267,14 @@ def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout
                      max_epochs=epochs, patience=patience, seed=seed)
     path = _backbone_file(backbone, weights)
     s = train_head(data, path, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
-                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, log=say)
+                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, int8=int8, log=say)
     m = s["metrics"]
     model = s["out"] / "model.onnx"
     click.echo(f"wrote {model} ({s['regime']}): {len(m['classes'])} classes, "
                + (f"val {report.headline(m)}" if m["n"] else "no validation photos (accuracy not measured)")
                + f"; fused vs chained max abs diff {s['fuse_max_abs_diff']:.1e}")
+    if s.get("int8", {}).get("written"):
+        click.echo(f"wrote {s['out'] / 'model.int8.onnx'}: {s['int8']['line']}")
     for line in s["warnings"]:
         say(f"warning: {line}")
     click.echo(f"next: edgetl run --model {q(model)} --camera 0")
@@ -404,7 +409,7 @@ def _newest_model() -> str:
     return str(found[-1])
 
 
-@main.command()
+@main.command(short_help="An int8 or fp16 copy of a model, written only when no worse and faster.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="The labelled photos MODEL was trained on: int8 calibrates on their training split, "
@@ -430,15 +435,15 @@ def quantize(model, data, precision, max_drop, calib_images, calibration, reduce
 
     r, out = quantize_file(model, data, output, precision=precision, max_drop=max_drop, calib_images=calib_images,
                            calibration=calibration, reduce_range={"auto": None, "on": True, "off": False}[reduce_range],
-                           device=device, force=force, log=lambda line: click.echo(line, err=True))
+                           device=device, force=force, log=say)
     s = r.summary
     forced = " (--force: not faster)" if s["forced"] else ""
     click.echo(f"wrote {out} ({r.precision}, {s['bytes'] / 1e6:.1f} MB vs {s['float32_bytes'] / 1e6:.1f} MB){forced}: "
                f"{r.line()}")
-    click.echo(f"next: edgetl bench {model} {out}")
+    click.echo(f"next: edgetl bench {q(model)} {q(out)}")
 
 
-@main.command("bench")
+@main.command("bench", short_help="Latency, throughput and memory of models on this machine.")
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "openvino"]),
               help="onnxruntime CPU or CUDA, or OpenVINO's CPU plugin (pip install openvino); an error, never a "

@@ -54,7 +54,8 @@ class QuantResult:
 def gate_line(s: dict) -> str:
     p, lat = s["precision"], s.get("latency")
     text = (f"val accuracy {p} {s[p]['accuracy']:.4f} vs float32 {s['float32']['accuracy']:.4f} "
-            f"(drop {100 * s['accuracy_drop']:+.1f} points), top-1 agreement {100 * s['agreement']:.1f} %")
+            f"({'drop' if s['accuracy_drop'] >= 0 else 'gain'} {100 * abs(s['accuracy_drop']):.1f} points), "
+            f"top-1 agreement {100 * s['agreement']:.1f} %")
     if lat:
         text += (f"; batch 1 on {lat['provider']}: {lat[p + '_ms']:.2f} ms vs {lat['float32_ms']:.2f} ms "
                  f"({lat['speedup']:.2f}x)")

@@ -190,6 +190,15 @@ def _cell(text: str) -> str:
     return safe(text).replace("|", "\\|")
 
 
+def _int8_section(s: dict) -> str:
+    q = s.get("int8")
+    if not q:
+        return ""
+    if q["written"]:
+        return f"## int8 copy\n`model.int8.onnx`: {q['line']}.\n\n"
+    return f"## int8 copy\nNot written: {safe(q['reason'])}\n\n"
+
+
 def model_card(s: dict) -> str:
     """A short markdown card from the training summary."""
     m = s["metrics"]
@@ -241,7 +250,7 @@ centre-cropped by `edgetl.data.preprocess.load_image`), output `float32 probabil
 ## Hyper-parameters
 {hp}
 
-## Verification
+{_int8_section(s)}## Verification
 Fused model vs backbone-then-head on {s['parity_images']} images: max abs diff {s['fuse_max_abs_diff']:.1e}
 (tolerance {s['fuse_atol']:.0e}); head vs PyTorch: {s['head_max_abs_diff']:.1e}.
 

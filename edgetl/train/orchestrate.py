@@ -68,7 +68,7 @@ class Trained:
 
 def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device: str = "auto",
                val_fraction: float = 0.2, batch_size: int = 32, unfreeze: str = "0", augment: int = 0,
-               train_bn: bool = False, weights: str | None = None, log=lambda s: None) -> dict:
+               train_bn: bool = False, weights: str | None = None, int8: bool = False, log=lambda s: None) -> dict:
     """Run the whole second step; returns the training summary (also written as metrics.json)."""
     from edgetl.data.scan import scan
     from edgetl.export import fuse
@@ -121,7 +121,8 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
         t = _train_top(cut, r, train_bn, **common)
     log(f"trained ({t.regime}): best epoch {t.fit.best_epoch} of {t.fit.epochs_run}, {t.fit.seconds:.1f} s "
         f"on {t.fit.device}")
-    return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, Path(out_dir), r, batch_size, reason)
+    return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, Path(out_dir), r, batch_size, reason,
+                   int8, log)
 
 
 def _aug_views(model_path, ds, split, augment, cache_root, device, batch_size, log, check_space=False):
@@ -317,7 +318,8 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
     return Trained(first, head_model, diff, res, "whole network fine-tuned" + (" with augmentation" if augment else ""))
 
 
-def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_size: int, reason: str) -> dict:
+def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_size: int, reason: str,
+            int8: bool = False, log=lambda s: None) -> dict:
     """Verify fused vs chained on every validation image, compute the fused model's metrics, record the
     split in the model, and write the whole output set at once (a failure leaves the previous set)."""
     import onnx
@@ -378,6 +380,7 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
                          C.KEY_SPLIT: json.dumps(record(split, r.keys))})
     fused_bytes = fused.SerializeToString()
     summary["model_sha256"] = sha256_bytes(fused_bytes)
+    quantized = _int8(fused, data, summary, log) if int8 else None
 
     with output_set(out) as tmp:
         if cut is not None:  # unfreeze N: the frozen trunk and the trained top
@@ -388,6 +391,8 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
             if t.regime.startswith("whole network"):  # the fine-tuned network is a new backbone
                 write_bytes(tmp / "backbone.onnx", t.first.SerializeToString())
         write_bytes(tmp / "model.onnx", fused_bytes)
+        if quantized is not None:
+            write_bytes(tmp / "model.int8.onnx", quantized)
         if split.saved:
             write_text(tmp / "split.json", report.dumps(
                 {"note": split.note, "train": [_rel(ds, i) for i in split.train], "val": [_rel(ds, i) for i in split.val]}))
@@ -397,6 +402,23 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
         write_text(tmp / "MODEL_CARD.md", report.model_card(summary))
     summary["out"] = out
     return summary
+
+
+def _int8(fused, data, summary: dict, log) -> bytes | None:
+    """`--int8`: the int8 copy through the same gate as `edgetl quantize`; its outcome goes in the summary."""
+    from edgetl.errors import GateRefused
+    from edgetl.export.quantize import gate_line, quantize_model
+
+    log("int8: calibrating on training photos, then checking on the validation photos")
+    try:
+        q = quantize_model(fused, data, "int8", log=log)
+    except GateRefused as e:
+        summary["int8"] = {"written": False, "reason": str(e), **(getattr(e, "summary", None) or {})}
+        log(f"int8: not written: {e}")
+        return None
+    summary["int8"] = {"written": True, "line": gate_line(q.summary), **q.summary}
+    log(f"int8: {gate_line(q.summary)}")
+    return q.data
 
 
 def _counts(ds, idx) -> dict[str, int]:
