@@ -183,15 +183,17 @@ def _backbone_file(value: str, weights: str | None) -> str:
 @click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
               help="The embedding cache folder (content-addressed, shared by every dataset and backbone).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096),
-              help="Images per onnxruntime call.")
-def embed(data, backbone, weights, cache, device, batch_size):
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per onnxruntime call [default: 256 on "
+                                                                 "CUDA, 32 on the CPU].")
+@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
+              help="Where photos are decoded: gpu (nvJPEG via torchvision) needs --device cuda; auto uses it there.")
+def embed(data, backbone, weights, cache, device, batch_size, decode):
     """Compute and cache the embedding of every image under DATA: incremental (only new photos are
     embedded), resumable after a crash, unreadable images skipped and listed."""
     from edgetl.data.embed import embed_folder
 
     path = _backbone_file(backbone, weights)
-    r = embed_folder(data, path, cache, device=device, batch_size=batch_size)
+    r = embed_folder(data, path, cache, device=device, batch_size=batch_size, decode=decode)
     report_embed(r)
     click.echo(f"next: edgetl train-head {q(data)}" + (f" --backbone {q(backbone)}" if backbone != DEFAULT_BACKBONE else "")
                + (f" --cache {q(cache)}" if cache != DEFAULT_CACHE else ""))

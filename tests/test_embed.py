@@ -213,3 +213,27 @@ def test_compaction_merges_in_bounded_chunks_and_keeps_every_entry(tmp_path):
     after = entries(cache_mod.Namespace(tmp_path, "x", "fp", '{"a": 1}', 8).open())
     assert len(ns.shards()) == 2
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_unchanged_rerun_reads_no_photo_and_changed_ones_are_read(tmp_path, make_dataset, tiny_onnx, monkeypatch):
+    import edgetl.data.embed as embed_mod
+
+    data = make_dataset({"a": 4, "b": 4})
+    cache = tmp_path / "cache"
+    first = embed_folder(data, tiny_onnx, cache)
+    reads = []
+    real = embed_mod.read_regular
+    monkeypatch.setattr(embed_mod, "read_regular", lambda p, *a: reads.append(p) or real(p, *a))
+    again = embed_folder(data, tiny_onnx, cache)
+    assert (again.new, again.reused, reads) == (0, 8, []) and again.keys == first.keys
+    changed = data / "a" / "img_000.jpg"
+    changed.write_bytes(encode(photo(77)))  # new content: read, hashed and embedded
+    st = changed.stat()
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = embed_folder(data, tiny_onnx, cache)
+    assert reads == [changed] and third.new == 1 and third.keys[0] != first.keys[0]
+    (cache / "files.sqlite").write_bytes(b"not a database")  # a damaged index only costs a re-read
+    for extra in cache.glob("files.sqlite-*"):
+        extra.unlink()
+    fourth = embed_folder(data, tiny_onnx, cache)
+    assert fourth.new == 0 and fourth.keys == third.keys

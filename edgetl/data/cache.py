@@ -73,6 +73,7 @@ class Namespace:
         self.dtype = np.dtype(dtype)
         self._keys: set[bytes] | None = None
         self.problems: list[str] = []  # one line per quarantined shard, for the caller to report
+        self.index = None  # a data.index.FileIndex: shards verified before are not hashed again
 
     def open(self, create: bool = True) -> "Namespace":
         """Check (or create) namespace.json; CacheError if the folder belongs to something else."""
@@ -106,9 +107,28 @@ class Namespace:
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.npz"))
 
-    def _read(self, shard: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    def _read(self, shard: Path, want_emb: bool = True) -> tuple[np.ndarray, np.ndarray | None] | None:
         """(keys, emb) of a shard after its checks; None if it vanished (another process compacted it).
-        A shard that fails a check is quarantined and None is returned."""
+        A shard that fails a check is quarantined and None is returned. A shard the file index has
+        seen verified, unchanged, is not hashed again (and only its keys are read when that is all
+        that is wanted)."""
+        try:
+            st = shard.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return self._quarantine(shard, f"unreadable ({e.strerror})")
+        if self.index is not None and self.index.shard_verified(shard, st):
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    keys = z["keys"]
+                    emb = z["emb"] if want_emb else None
+                if self._fits(keys, emb):
+                    return keys, emb
+            except FileNotFoundError:
+                return None
+            except Exception:  # noqa: BLE001 - changed since: the full check below decides
+                pass
         try:
             data = shard.read_bytes()
         except FileNotFoundError:
@@ -123,11 +143,16 @@ class Namespace:
                 keys, emb = z["keys"], z["emb"]
         except Exception as e:  # noqa: BLE001 - any way a file can fail to be an .npz
             return self._quarantine(shard, f"not a valid shard ({type(e).__name__})")
-        if (keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != KEY_BYTES or emb.dtype != self.dtype
-                or emb.shape != (len(keys), self.dim)):
+        if not self._fits(keys, emb):
             return self._quarantine(shard, f"arrays of shape {keys.shape}/{emb.shape} {emb.dtype}, this cache holds "
                                            f"[n, {self.dim}] {self.dtype}")
+        if self.index is not None:
+            self.index.verified(shard, st)
         return keys, emb
+
+    def _fits(self, keys: np.ndarray, emb: np.ndarray | None) -> bool:
+        return (keys.dtype == np.uint8 and keys.ndim == 2 and keys.shape[1] == KEY_BYTES
+                and (emb is None or (emb.dtype == self.dtype and emb.shape == (len(keys), self.dim))))
 
     def _quarantine(self, shard: Path, why: str) -> None:
         q = self.dir / "quarantine"
@@ -137,7 +162,7 @@ class Namespace:
         self.problems.append(f"cache shard {shard.name} {why}: set aside in {q}; its entries are computed again")
         return None
 
-    def _each(self):
+    def _each(self, want_emb: bool = True):
         """(keys, emb) of every good shard; tolerates shards that vanish during the walk (re-lists)."""
         seen: set[Path] = set()
         for _ in range(5):
@@ -145,7 +170,7 @@ class Namespace:
             for shard in self.shards():
                 if shard in seen:
                     continue
-                got = self._read(shard)
+                got = self._read(shard, want_emb)
                 if got is None:
                     vanished |= not shard.exists() and not (self.dir / "quarantine" / shard.name).exists()
                     continue
@@ -158,7 +183,7 @@ class Namespace:
         """All keys present (every shard checked once per process)."""
         if self._keys is None:
             found: set[bytes] = set()
-            for ks, _ in self._each():
+            for ks, _ in self._each(want_emb=False):
                 found.update(bytes(k) for k in ks)
             self._keys = found
         return self._keys

@@ -92,7 +92,7 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     from edgetl.data.embed import embed_folder
 
     r = embed_folder(scanned, cut.path if cut else backbone_path, cache_root, device=device,
-                     batch_size=batch_size, check_space=cut is not None)
+                     check_space=cut is not None)
     log(f"{'trunk activations' if cut else 'embedded'}: {r.summary()}")
     for line in r.namespace.problems:
         log(line)
