@@ -15,18 +15,24 @@ import numpy as np
 
 
 def make(src: Path, dst: Path, n: int) -> Path:
+    from concurrent.futures import ThreadPoolExecutor
+
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    for i in range(n):
+
+    def one(i):
         f = files[i % len(files)]
         variant = i // len(files)
         out = dst / f.parent.name / f"{f.stem}_{variant:03d}.jpg"
         if out.exists():
-            continue
+            return
         out.parent.mkdir(parents=True, exist_ok=True)
         img = cv2.imread(str(f))
         if variant:
             img = np.roll(img[:, ::-1] if variant % 2 else img, variant, axis=1)
         cv2.imwrite(str(out), img, [cv2.IMWRITE_JPEG_QUALITY, 90 - variant % 10])
+
+    with ThreadPoolExecutor() as pool:  # OpenCV releases the GIL: one file per core at a time
+        list(pool.map(one, range(n)))
     return dst
 
 

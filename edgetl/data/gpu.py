@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+import warnings
+
 from edgetl.data.preprocess import MAX_PIXELS, Spec, _header_size, _truncated_jpeg, crop_box, load_image
 from edgetl.errors import ImageError
+
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
 
 
 def usable(device: str = "cuda") -> bool:
@@ -34,17 +38,33 @@ def usable(device: str = "cuda") -> bool:
         return False
 
 
-def exif_orientation(data: bytes) -> int:
-    """The EXIF orientation (1-8) of a JPEG, 1 when it has none."""
+def jpeg_info(data: bytes) -> dict | None:
+    """One walk over a JPEG's markers: size, whether nvJPEG can take it (8-bit baseline or progressive,
+    1 or 3 components) and the EXIF orientation (1-8). None when it is not a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    info = {"size": None, "gpu": False, "orientation": 1}
     i, n = 2, len(data)
     while i + 4 < n and data[i] == 0xFF:
         marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xFF:
+            i += 1
+            continue
         if marker == 0xDA:  # start of scan: no more headers
             break
         if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
-            return _tiff_orientation(data[i + 10:i + 2 + length])
+            info["orientation"] = _tiff_orientation(data[i + 10:i + 2 + length])
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 10 < n:
+            info["size"] = (int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"))
+            info["gpu"] = marker in (0xC0, 0xC1, 0xC2) and data[i + 4] == 8 and data[i + 9] in (1, 3)
         i += 2 + length
-    return 1
+    return info
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of a JPEG, 1 when it has none."""
+    info = jpeg_info(data)
+    return info["orientation"] if info else 1
 
 
 def _tiff_orientation(t: bytes) -> int:
@@ -65,51 +85,56 @@ def _tiff_orientation(t: bytes) -> int:
 
 
 def orient(chw, orientation: int):
-    """Apply an EXIF orientation to a C×H×W tensor (what a viewer shows)."""
+    """Apply an EXIF orientation to a (…)×C×H×W tensor (what a viewer shows)."""
     if orientation in (5, 6, 7, 8):
         chw = chw.transpose(-1, -2)
     flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(orientation)
     return chw.flip(flips) if flips else chw
 
 
-def resize_crop(chw, spec: Spec):
-    """`preprocess.resize_crop` on a uint8 C×H×W tensor (any device) → uint8 H×W×3."""
+def resize_crop(nchw, spec: Spec):
+    """`preprocess.resize_crop` on uint8 N×C×H×W tensors of one size (any device) → uint8 N×H×W×3."""
     import torch
     import torch.nn.functional as F
 
-    top, left, ch, cw = crop_box(chw.shape[1], chw.shape[2], spec)
-    region = chw[:, top:top + ch, left:left + cw]
+    squeeze = nchw.dim() == 3
+    x = nchw[None] if squeeze else nchw
+    top, left, ch, cw = crop_box(x.shape[2], x.shape[3], spec)
+    region = x[:, :, top:top + ch, left:left + cw]
     out_h, out_w = spec.input_size
     if (ch, cw) == (out_h, out_w):
-        return region.permute(1, 2, 0)
-    x = region[None].float()
-    shrink = out_h / ch
-    if shrink < 0.5:
-        y = F.interpolate(x, size=(out_h, out_w), mode="area")
-    elif shrink < 1:
-        y = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=False)
+        y = region.permute(0, 2, 3, 1)
     else:
-        y = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False)
-    return y[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        f = region.float()
+        shrink = out_h / ch
+        if shrink < 0.5:
+            f = F.interpolate(f, size=(out_h, out_w), mode="area")
+        elif shrink < 1:
+            f = F.interpolate(f, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=False)
+        else:
+            f = F.interpolate(f, size=(out_h, out_w), mode="bicubic", align_corners=False)
+        y = f.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return y[0] if squeeze else y
 
 
-def _gpu_able(data: bytes) -> bool:
-    """A baseline or progressive 8-bit JPEG with 1 or 3 components (what nvJPEG decodes to RGB)."""
-    i, n = 2, len(data)
-    if data[:2] != b"\xff\xd8":
-        return False
-    while i + 9 < n and data[i] == 0xFF:
-        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2):
-            return data[i + 4] == 8 and data[i + 9] in (1, 3)
-        if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return False  # lossless, arithmetic-coded...
-        i += 2 + length
-    return False
+def reduce(nchw, spec: Spec):
+    """What the CPU path's reduced JPEG decoding does (1/2, 1/4 or 1/8 scale when the photo is that much
+    larger than needed): the same factor, by block averages, so the crop lands on the same pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = nchw.shape[-2:]
+    for factor in (8, 4, 2):
+        if min(h, w) // factor >= spec.resize_size:
+            return F.avg_pool2d(nchw.float(), factor, ceil_mode=True).round_().to(torch.uint8)
+    return nchw
 
 
 class Decoder:
-    """Batches of encoded photos → uint8 [N, H, W, 3] on `device`, with the CPU path as fallback."""
+    """Batches of encoded photos → uint8 [N, H, W, 3] on `device`, with the CPU path as fallback.
+
+    nvJPEG decodes the batch in one call; photos of the same size are then cropped and resized together
+    (one resize per size, not per photo), so the Python work per photo stays small."""
 
     def __init__(self, spec: Spec, device: str = "cuda"):
         self.spec, self.device = spec, device
@@ -120,18 +145,23 @@ class Decoder:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        out: list = [None] * len(datas)
+        h, w = self.spec.input_size
+        out = torch.empty((len(datas), h, w, 3), dtype=torch.uint8, device=self.device)
+        done = [False] * len(datas)
         errors: list[tuple[int, str]] = []
-        gpu = []
+        gpu, orientation = [], {}
         for i, data in enumerate(datas):
             try:
-                size = _header_size(data, names[i])
+                info = jpeg_info(data)
+                size = info["size"] if info else _header_size(data, names[i])
                 if size and size[0] * size[1] > MAX_PIXELS:
                     raise ImageError(f"{names[i]}: {size[0]}x{size[1]} pixels is over the limit of {MAX_PIXELS:,}")
-                if _gpu_able(data) and not _truncated_jpeg(data):
+                if info and info["gpu"] and not _truncated_jpeg(data):
                     gpu.append(i)
+                    orientation[i] = info["orientation"]
                 else:
                     out[i] = self._cpu(data, names[i])
+                    done[i] = True
             except ImageError as e:
                 errors.append((i, str(e)))
         if gpu:
@@ -139,21 +169,36 @@ class Decoder:
             try:
                 decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:  # one photo the GPU decoder refuses: decode them one by one
-                decoded = []
-                for t in tensors:
-                    try:
-                        decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
-                    except RuntimeError:
-                        decoded.append(None)
+                decoded = [self._one(t) for t in tensors]
+            groups: dict[tuple, list] = {}
             for i, img in zip(gpu, decoded):
-                try:
-                    out[i] = (resize_crop(orient(img, exif_orientation(datas[i])), self.spec) if img is not None
-                              else self._cpu(datas[i], names[i]))
-                except ImageError as e:
-                    errors.append((i, str(e)))
-        ok = [i for i in range(len(datas)) if out[i] is not None]
-        batch = torch.stack([out[i] for i in ok]).contiguous() if ok else None
+                if img is None:
+                    try:
+                        out[i] = self._cpu(datas[i], names[i])
+                        done[i] = True
+                    except ImageError as e:
+                        errors.append((i, str(e)))
+                    continue
+                img = orient(img, orientation[i])
+                groups.setdefault(tuple(img.shape), []).append((i, img))
+            for members in groups.values():
+                idx = [i for i, _ in members]
+                out[idx] = resize_crop(reduce(torch.stack([img for _, img in members]), self.spec), self.spec)
+                for i in idx:
+                    done[i] = True
+        ok = [i for i in range(len(datas)) if done[i]]
+        if not ok:
+            return None, [], sorted(errors)
+        batch = out if len(ok) == len(datas) else out[ok].contiguous()
         return batch, ok, sorted(errors)
+
+    def _one(self, t):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return None
 
     def _cpu(self, data: bytes, name: str):
         import torch

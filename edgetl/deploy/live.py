@@ -349,6 +349,7 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
     stats = collections.defaultdict(float)
     n, ended, code, t_begin = 0, "end of source", 0, time.perf_counter()
     fps_window: collections.deque = collections.deque(maxlen=30)
+    infer = model.frame_runner()
     cap.start()
     try:
         with _stop_on_signals():
@@ -359,7 +360,7 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
                         ended = cap.error or "end of source"
                         break
                     t0 = time.perf_counter()
-                    probs = smoother(model.probabilities(frame.rgb_input[None])[0])
+                    probs = smoother(infer(frame.rgb_input))
                     infer_ms = (time.perf_counter() - t0) * 1e3
                     label, prob, top = decide(probs, model.classes, threshold, top_k)
                     n += 1

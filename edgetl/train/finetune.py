@@ -194,27 +194,35 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     hist = {"train_loss": [], "val_loss": [], "val_acc": [], "val_balanced_acc": []}
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     epoch = 0
+    autocast = _autocast(device)
+    images_seen, t_train = 0, 0.0
     for epoch in range(1, epochs + 1):
         model.train()
         freeze_bn(model, train_bn)
-        total, n = 0.0, 0
+        total, n = torch.zeros((), device=device), 0
+        t_epoch = time.perf_counter()
         for x, y in train_batches():
-            loss = loss_of(model(_layout(x.to(device))), y.to(device))
+            x, y = _layout(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            with autocast():
+                loss = loss_of(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(y)
+            total += loss.detach() * len(y)  # no sync per step
             n += len(y)
+        total = float(total)
+        images_seen += n
+        t_train += time.perf_counter() - t_epoch
         sched.step()
         model.eval()
         line = f"epoch {epoch}/{epochs}: train loss {total / max(n, 1):.4f}"
         hist["train_loss"].append(total / max(n, 1))
         if len(val_y):
             logits, ys = [], []
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 for x, y in val_x():
-                    logits.append(model(_layout(x.to(device))).float().cpu())
-                    ys.append(y)
+                    logits.append(model(_layout(x.to(device, non_blocking=True))).float().cpu())
+                    ys.append(y.cpu())
             logits, ys = torch.cat(logits), torch.cat(ys)
             vl = float(val_loss_of(logits.to(device), ys.to(device)))
             pred = logits.argmax(1)
@@ -232,7 +240,19 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     model.load_state_dict(best[2])
     model.eval().cpu().to(memory_format=torch.contiguous_format)
     weights = class_weights(y_train, n_classes) if cfg.balance == "weighted" else None
+    hist["train_images_per_s"] = images_seen / t_train if t_train else None
     return Fit(model, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
+
+
+def _autocast(device: str):
+    """bf16 autocast on a GPU that has it (the weights stay float32); nothing on the CPU."""
+    import contextlib
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def _layout(x):
@@ -241,9 +261,15 @@ def _layout(x):
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.dtype.is_floating_point else x
 
 
-def tensor_batches(x: np.ndarray, y: np.ndarray, bs: int, shuffle: bool, seed: int, epoch_box: list):
-    """A re-iterable over (x, y) float tensors from arrays (float16 activations become float32)."""
+def tensor_batches(x: np.ndarray, y: np.ndarray, bs: int, shuffle: bool, seed: int, epoch_box: list,
+                   device: str = "cpu"):
+    """A re-iterable over (x, y) float tensors from arrays (float16 activations become float32). On a
+    GPU the arrays are moved there once, and batches are cut on the device."""
     import torch
+
+    on_gpu = device.startswith("cuda")
+    xs = torch.from_numpy(np.ascontiguousarray(x)).to(device) if on_gpu else x
+    ys = torch.from_numpy(y.astype(np.int64)).to(device) if on_gpu else y
 
     def gen():
         idx = np.arange(len(x))
@@ -252,7 +278,85 @@ def tensor_batches(x: np.ndarray, y: np.ndarray, bs: int, shuffle: bool, seed: i
             epoch_box[0] += 1
         for i in range(0, len(idx), bs):
             j = idx[i:i + bs]
-            yield torch.from_numpy(x[j].astype(np.float32)), torch.from_numpy(y[j].astype(np.int64))
+            if on_gpu:
+                jt = torch.from_numpy(j).to(device)
+                yield xs[jt].float(), ys[jt]
+            else:
+                yield torch.from_numpy(xs[j].astype(np.float32)), torch.from_numpy(ys[j].astype(np.int64))
+
+    return gen
+
+
+def device_batch(device: str, lr: float) -> tuple[int, float]:
+    """(batch size, learning rate) for training images on `device`: larger batches on a GPU, with the
+    learning rate scaled by the square root of the batch ratio."""
+    bs = 256 if device.startswith("cuda") else 32
+    return bs, lr * (bs / 32) ** 0.5
+
+
+class TrainImages:
+    """Training photos for full fine-tuning: item (j, seed) → (uint8 H×W×3, label). Picklable, so a
+    torch DataLoader can read them in worker processes."""
+
+    def __init__(self, paths, labels, spec, augment: bool):
+        self.paths, self.labels, self.spec, self.augment = list(paths), np.asarray(labels), spec, augment
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        from edgetl.data.preprocess import augment_view, decode_bgr, load_image, read_regular
+
+        j, seed = item
+        path = self.paths[j]
+        data = read_regular(path)
+        if self.augment:
+            img = augment_view(decode_bgr(data, self.spec.resize_size, str(path)), self.spec, int(seed))
+        else:
+            img = load_image(data, self.spec, str(path))
+        return img, int(self.labels[j])
+
+
+def image_batches(images: TrainImages, bs: int, rng, device: str, workers: int | None = None):
+    """A re-iterable over (uint8 [N,H,W,3], labels) batches of `images` in a new seeded order each time.
+
+    On a GPU: a torch DataLoader with worker processes and pinned memory (the GPU would wait for one
+    Python process); on the CPU: decoding threads (the cores are for the model)."""
+    import os
+
+    import torch
+
+    def epoch_items():
+        order = rng.permutation(len(images))
+        seeds = rng.integers(0, 2**63 - 1, len(order))
+        return [(int(j), int(s)) for j, s in zip(order, seeds)]
+
+    if device.startswith("cuda"):
+        n = workers or min(16, os.cpu_count() or 1)
+
+        class Epoch(torch.utils.data.Sampler):
+            def __iter__(self):
+                return iter(epoch_items())
+
+            def __len__(self):
+                return len(images)
+
+        loader = torch.utils.data.DataLoader(images, batch_size=bs, sampler=Epoch(), num_workers=n, pin_memory=True,
+                                             persistent_workers=n > 0, prefetch_factor=4 if n else None)
+        return lambda: iter(loader)
+
+    from edgetl.data.pipeline import prefetch_map
+
+    def gen():
+        xs, ys = [], []
+        for _, (img, label) in prefetch_map(images.__getitem__, epoch_items(), workers, window=64):
+            xs.append(img)
+            ys.append(label)
+            if len(xs) == bs:
+                yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+                xs, ys = [], []
+        if xs:
+            yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
 
     return gen
 

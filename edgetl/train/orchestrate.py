@@ -202,7 +202,7 @@ def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augme
     import torch
 
     from edgetl.train import heads as head_mod
-    from edgetl.train.finetune import export_top, fit, tensor_batches, top_and_head
+    from edgetl.train.finetune import device_batch, export_top, fit, tensor_batches, top_and_head
 
     bb, st, k, shape, tmeta, n_unfreeze = cut.backbone, cut.stages, cut.block, cut.shape, cut.meta, cut.unfreeze
     views = [center] + _aug_views(cut.path, ds, split, augment, cache_root, device, batch_size, log, True)
@@ -216,11 +216,12 @@ def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augme
         p.requires_grad_(True)
     dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     top.to(dev)
-    params = [{"params": list(top.blocks.parameters()) + list(top.tail.parameters()), "lr": cfg.lr * 0.1},
-              {"params": list(top.head.parameters()), "lr": cfg.lr}]
+    bs, lr = device_batch(dev, cfg.lr)
+    params = [{"params": list(top.blocks.parameters()) + list(top.tail.parameters()), "lr": lr * 0.1},
+              {"params": list(top.head.parameters()), "lr": lr}]
     box = [0]
-    res = fit(top, tensor_batches(x_train, y_all, 32, True, cfg.seed, box),
-              tensor_batches(x_val, y_val, 64, False, 0, [0]), y_val, len(ds.classes), y_all, params, cfg,
+    res = fit(top, tensor_batches(x_train, y_all, bs, True, cfg.seed, box, dev),
+              tensor_batches(x_val, y_val, 2 * bs, False, 0, [0], dev), y_val, len(ds.classes), y_all, params, cfg,
               epochs=min(cfg.max_epochs, 30), patience=min(cfg.patience, 5), train_bn=train_bn, device=dev, log=log)
     extra = {C.KEY_BACKBONE: bb.name, C.KEY_FINGERPRINT: tmeta[C.KEY_FINGERPRINT], C.KEY_CUT: tmeta[C.KEY_CUT],
              C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": n_unfreeze, "train_bn": train_bn})}
@@ -233,12 +234,11 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
                torch_device, batch_size, log) -> Trained:
     import torch
 
-    from edgetl.data.pipeline import prefetch_map
-    from edgetl.data.preprocess import augment_view, decode_bgr, load_image, read_regular
+    from edgetl.data.preprocess import load_image
     from edgetl.export import fuse
     from edgetl.export.torch_onnx import image_module, to_onnx
     from edgetl.train import heads as head_mod
-    from edgetl.train.finetune import fit
+    from edgetl.train.finetune import TrainImages, device_batch, fit, image_batches
 
     bb = _torch_backbone(bmeta, weights)
     spec = bb.spec
@@ -260,45 +260,27 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
     model = Full()
     dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev)
-    train_paths = [ds.items[i].path for i in split.train]
-    val_x = np.stack([load_image(ds.items[i].path, spec) for i in split.val])
+    images = TrainImages([ds.items[i].path for i in split.train], y_train, spec, bool(augment))
+    val_x = np.stack([load_image(ds.items[i].path, spec) for i in split.val]) if split.val else None
     rng = np.random.default_rng(cfg.seed)
     import time
 
     started = time.perf_counter()
     epochs = min(cfg.max_epochs, 15)
-
-    def train_batches():
-        order = rng.permutation(len(train_paths))
-        seeds = rng.integers(0, 2**63 - 1, len(order))
-
-        def load(j):
-            data = read_regular(train_paths[j])
-            if augment:
-                return augment_view(decode_bgr(data, spec.resize_size, str(train_paths[j])), spec, int(seeds[j]))
-            return load_image(data, spec, str(train_paths[j]))
-
-        xs, ys = [], []
-        for j, arr in prefetch_map(load, order.tolist(), window=64):
-            xs.append(arr)
-            ys.append(y_train[j])
-            if len(xs) == 32:
-                yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
-                xs, ys = [], []
-        if xs:
-            yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+    bs, lr = device_batch(dev, cfg.lr)
+    train_batches = image_batches(images, bs, rng, dev)
 
     def val_batches():
-        for i in range(0, len(val_x), 64):
-            yield torch.from_numpy(val_x[i:i + 64]), torch.from_numpy(y_val[i:i + 64].astype(np.int64))
+        for i in range(0, 0 if val_x is None else len(val_x), 2 * bs):
+            yield torch.from_numpy(val_x[i:i + 2 * bs]), torch.from_numpy(y_val[i:i + 2 * bs].astype(np.int64))
 
     def progress(line):
         ep = int(line.split()[1].split("/")[0])
         eta = (time.perf_counter() - started) / ep * (epochs - ep)
         log(f"{line}, ETA {eta:.0f} s (at most)")
 
-    params = [{"params": list(model.features.parameters()), "lr": cfg.lr * 0.1},
-              {"params": list(model.head.parameters()), "lr": cfg.lr}]
+    params = [{"params": list(model.features.parameters()), "lr": lr * 0.1},
+              {"params": list(model.head.parameters()), "lr": lr}]
     res = fit(model, train_batches, val_batches, y_val, len(ds.classes), y_train, params, cfg, epochs=epochs,
               patience=min(cfg.patience, 4), train_bn=train_bn, device=dev, log=progress)
     # Export the fine-tuned network as a new backbone (its own fingerprint) and the head, then fuse.
