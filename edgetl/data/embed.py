@@ -73,6 +73,7 @@ class EmbedResult:
     seconds: float
     namespace: Namespace
     provider: str
+    stages: dict = dataclasses.field(default_factory=dict)  # seconds: decode (on the GPU), inference, the rest
 
     def summary(self) -> str:
         s = (f"{self.new} new, {self.reused} reused, {len(self.skipped)} skipped in {self.seconds:.1f} s "
@@ -189,14 +190,18 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     pending_keys: list[bytes] = []
     pending: list = []
     batch_seen: set[bytes] = set()
+    stages = {"gpu decode": 0.0, "inference": 0.0}
     bar = _progress(len(wanted), progress)
 
     def flush():
         nonlocal pending_idx, pending_keys, pending, new
         if not pending_keys:
             return
+        t_start = time.perf_counter()
         if on_gpu is not None:  # encoded bytes: decode the batch on the GPU
             batch, ok, errors = on_gpu(pending, [str(ds.items[i].path) for i in pending_idx])
+            stages["gpu decode"] += time.perf_counter() - t_start
+            t_start = time.perf_counter()
             for j, reason in errors:  # unreadable after all (the CPU path would have said so while reading)
                 skipped.append((ds.items[pending_idx[j]].path, reason))
                 keys[pending_idx[j]] = None
@@ -205,6 +210,7 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
             emb = run(batch) if batch is not None else None
         else:
             good, emb = pending_keys, run(np.stack(pending))
+        stages["inference"] += time.perf_counter() - t_start
         if emb is not None:
             writer.add(good, emb.reshape(len(emb), -1))
         pending_idx, pending_keys, pending = [], [], []
@@ -250,7 +256,10 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
         if index is not None:
             index.close()
     ns.compact()
-    return EmbedResult(ds, keys, new, reused, skipped, time.perf_counter() - t0, ns, provider)
+    seconds = time.perf_counter() - t0
+    stages = {k: round(v, 3) for k, v in stages.items() if v}
+    stages["everything else (reading, hashing, CPU decoding, waiting)"] = round(seconds - sum(stages.values()), 3)
+    return EmbedResult(ds, keys, new, reused, skipped, seconds, ns, provider, stages)
 
 
 def _gpu_decoder(decode: str, provider: str, view: str, spec: Spec):

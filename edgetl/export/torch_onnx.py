@@ -51,6 +51,10 @@ def to_onnx(module, example, input_names, output_names, metadata: dict[str, str]
         torch.onnx.export(module, example, buf, input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes=dynamic, opset_version=C.OPSET, dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
+    if input_names[0] == C.IMAGE:  # only the batch varies: fold the shape arithmetic of "same" padding
+        from edgetl.export.quantize import prepare
+
+        model = prepare(model)  # ~600 nodes → ~100 for EfficientNet-Lite0, same outputs, no shape ops on the CPU
     model.ir_version = C.IR_VERSION
     model.producer_name = "edgetl"
     model.producer_version = __version__

@@ -213,6 +213,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
         total = float(total)
         images_seen += n
         t_train += time.perf_counter() - t_epoch
+        hist.setdefault("epoch_images_per_s", []).append(n / (time.perf_counter() - t_epoch))
         sched.step()
         model.eval()
         line = f"epoch {epoch}/{epochs}: train loss {total / max(n, 1):.4f}"
