@@ -112,30 +112,36 @@ def _read(item: tuple[int, Path, object], spec: Spec, known: set[bytes], view: s
         return None, None, str(e)
 
 
-class _Writer:
-    """Cache shards written by one background thread, so inference does not wait for the disk."""
+class _Sink:
+    """Inference and cache writes on one background thread: while it runs a batch (onnxruntime releases
+    the GIL), the caller reads and decodes the next one, on the CPU or on the GPU."""
 
-    def __init__(self, ns: Namespace):
+    def __init__(self, run, ns: Namespace, stages: dict):
         import queue
         import threading
 
-        self.ns, self.error = ns, None
-        self.q: queue.Queue = queue.Queue(maxsize=4)
-        self.thread = threading.Thread(target=self._run, name="edgetl-cache-writer", daemon=True)
+        self.run, self.ns, self.stages, self.error = run, ns, stages, None
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._loop, name="edgetl-infer", daemon=True)
         self.thread.start()
 
-    def _run(self):
+    def _loop(self):
         while (job := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    self.ns.add(*job)
-                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                    self.error = e
+            if self.error is not None:
+                continue
+            try:
+                keys, batch = job
+                t = time.perf_counter()
+                emb = self.run(batch)
+                self.stages["inference"] += time.perf_counter() - t
+                self.ns.add(keys, emb.reshape(len(emb), -1))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self.error = e
 
-    def add(self, keys, emb):
+    def put(self, keys, batch):
         if self.error is not None:
             raise self.error
-        self.q.put((keys, emb))
+        self.q.put((keys, batch))
 
     def close(self):
         self.q.put(None)
@@ -184,35 +190,34 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     skipped: list[tuple[Path, str]] = []
     new = reused = 0
     on_gpu = _gpu_decoder(decode, provider, view, spec)
-    run = _runner(sess, on_gpu)
-    writer = _Writer(ns)
     pending_idx: list[int] = []
     pending_keys: list[bytes] = []
     pending: list = []
     batch_seen: set[bytes] = set()
     stages = {"gpu decode": 0.0, "inference": 0.0}
+    sink = _Sink(_runner(sess, on_gpu), ns, stages)
     bar = _progress(len(wanted), progress)
 
     def flush():
         nonlocal pending_idx, pending_keys, pending, new
         if not pending_keys:
             return
-        t_start = time.perf_counter()
         if on_gpu is not None:  # encoded bytes: decode the batch on the GPU
-            batch, ok, errors = on_gpu(pending, [str(ds.items[i].path) for i in pending_idx])
-            stages["gpu decode"] += time.perf_counter() - t_start
             t_start = time.perf_counter()
+            batch, ok, errors = on_gpu(pending, [str(ds.items[i].path) for i in pending_idx])
+            if batch is not None:
+                import torch
+
+                torch.cuda.current_stream(batch.device).synchronize()  # decoded before the other thread reads it
+            stages["gpu decode"] += time.perf_counter() - t_start
             for j, reason in errors:  # unreadable after all (the CPU path would have said so while reading)
                 skipped.append((ds.items[pending_idx[j]].path, reason))
                 keys[pending_idx[j]] = None
                 new -= 1
-            good = [pending_keys[j] for j in ok]
-            emb = run(batch) if batch is not None else None
+            if batch is not None:
+                sink.put([pending_keys[j] for j in ok], batch)
         else:
-            good, emb = pending_keys, run(np.stack(pending))
-        stages["inference"] += time.perf_counter() - t_start
-        if emb is not None:
-            writer.add(good, emb.reshape(len(emb), -1))
+            sink.put(pending_keys, np.stack(pending))
         pending_idx, pending_keys, pending = [], [], []
         batch_seen.clear()
 
@@ -251,14 +256,14 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
             bar.update(1)
         flush()
     finally:
-        writer.close()
+        sink.close()
         bar.close()
         if index is not None:
             index.close()
     ns.compact()
     seconds = time.perf_counter() - t0
     stages = {k: round(v, 3) for k, v in stages.items() if v}
-    stages["everything else (reading, hashing, CPU decoding, waiting)"] = round(seconds - sum(stages.values()), 3)
+    stages["wall"] = round(seconds, 3)  # inference overlaps the rest (another thread)
     return EmbedResult(ds, keys, new, reused, skipped, seconds, ns, provider, stages)
 
 
