@@ -43,7 +43,7 @@ def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | 
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"backbone not found: {p} (run `edgetl export-backbone` first)")
-    sess = session(p, device, threads, spin)
+    sess = session(p, device, threads, spin, short_job=True)
     meta = read_metadata(sess)
     if meta.get(C.KEY_FORMAT) not in (C.FORMAT_BACKBONE, C.FORMAT_TRUNK):
         raise ModelError(f"{p} is not an edgetl backbone (export one with `edgetl export-backbone`)")
