@@ -1,6 +1,8 @@
 """Benchmarks of `edgetl embed` (issue: fast, incremental, crash-safe embedding cache).
 
-    python scripts/bench_embed.py DATA [--big 10000] [--rounds 3]
+    python scripts/bench_embed.py DATA [--big 10000] [--rounds 3] [--device cpu|cuda]
+
+(`scripts/bench_gpu.py` runs every GPU benchmark, this one's GPU baselines included, in one call.)
 
 DATA is a labelled photo folder (e.g. hymenoptera_data). Prints, in one run:
  1. first-run throughput of embed_folder vs (a) the bare onnxruntime session on already-decoded
@@ -36,8 +38,8 @@ from edgetl.data.preprocess import load_image  # noqa: E402
 from edgetl.export import torch_onnx as export  # noqa: E402
 
 
-def ceiling(onnx_path: Path, arrays: list[np.ndarray], batch: int) -> float:
-    sess, _, _ = open_backbone(onnx_path, "cpu")
+def ceiling(onnx_path: Path, arrays: list[np.ndarray], batch: int, device: str = "cpu") -> float:
+    sess, _, _ = open_backbone(onnx_path, device)
     t = time.perf_counter()
     for i in range(0, len(arrays), batch):
         sess.run(None, {"image": np.stack(arrays[i:i + batch])})
@@ -83,6 +85,7 @@ def main():
     ap.add_argument("--big", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,rerun,rss,crash")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
@@ -99,9 +102,9 @@ def main():
         rows = {"edgetl embed": [], "ceiling": [], "pytorch": []}
         for r in range(a.rounds):
             shutil.rmtree(work / "cache", ignore_errors=True)
-            res = embed_folder(a.data, onnx_path, work / "cache", batch_size=a.batch)
+            res = embed_folder(a.data, onnx_path, work / "cache", batch_size=a.batch, device=a.device)
             rows["edgetl embed"].append(len(files) / res.seconds)
-            rows["ceiling"].append(len(files) / ceiling(onnx_path, arrays, a.batch))
+            rows["ceiling"].append(len(files) / ceiling(onnx_path, arrays, a.batch, a.device))
             sec, n = torch_baseline(a.data, bb, a.batch, threads)
             rows["pytorch"].append(n / sec)
             print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rows.items()))

@@ -41,13 +41,14 @@ def main():
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
 
     x, y = embeddings(a.n, a.dim, a.classes)
     cut = int(0.8 * a.n)
     for kind in ("linear", "mlp"):
         t = time.perf_counter()
-        r = train(x[:cut], y[:cut], x[cut:], y[cut:], a.classes, HeadConfig(kind=kind), device="cpu")
+        r = train(x[:cut], y[:cut], x[cut:], y[cut:], a.classes, HeadConfig(kind=kind), device=a.device)
         sec = time.perf_counter() - t
 
         with torch.no_grad():
@@ -58,7 +59,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="edgetl-bench-"))
     bb = backbones.get()
     export.export_backbone(bb, work / "backbone.onnx")
-    r = train(x[:cut], y[:cut], x[cut:], y[cut:], a.classes, HeadConfig(max_epochs=5), device="cpu")
+    r = train(x[:cut], y[:cut], x[cut:], y[cut:], a.classes, HeadConfig(max_epochs=5), device=a.device)
     import onnx
 
     b = onnx.load(str(work / "backbone.onnx"))

@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--augment", type=int, default=4)
     ap.add_argument("--only", default="linear,mlp,1,2,all,auto")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="edgetl-regimes-"))
     bb = work / "backbone.onnx"
@@ -40,7 +41,7 @@ def main():
                 unfreeze = {"linear": "0", "mlp": "0"}.get(name, name)
                 t = time.perf_counter()
                 s = train_head(data, bb, work / "cache", work / f"{data.name}-{name}-{aug}", HeadConfig(kind=kind),
-                               unfreeze=unfreeze, augment=aug, log=lambda line: None)
+                               unfreeze=unfreeze, augment=aug, device=a.device, log=lambda line: None)
                 sec = time.perf_counter() - t
                 m = s["metrics"]
                 rows.append((data.name, name, aug, m["accuracy"], m["correct"], m["n"], sec, s["regime"]))

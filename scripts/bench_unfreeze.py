@@ -1,6 +1,6 @@
 """Benchmark of --unfreeze 2 training (issue: fewer frozen layers, from cached activations).
 
-    python scripts/bench_unfreeze.py DATA [--rounds 3]
+    python scripts/bench_unfreeze.py DATA [--device cpu|cuda] [--rounds 3]
 
 One training epoch over DATA's training images (EfficientNet-Lite0, last 2 blocks + linear head,
 batch 32): (a) from the activation cache (float16 maps, as edgetl trains) vs (b) recomputing the
@@ -31,7 +31,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data", type=Path)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
+    dev = a.device
     work = Path(tempfile.mkdtemp(prefix="edgetl-bench-"))
     bb = backbones.get()
     st = verified_stages(bb)
@@ -40,13 +42,15 @@ def main():
     (work / "trunk.onnx").write_bytes(trunk.SerializeToString())
     ds = scan(a.data)
     train = [i for i, it in enumerate(ds.items) if it.split in (None, "train")]
-    r = embed_folder(a.data, work / "trunk.onnx", work / "cache", only=train)
+    r = embed_folder(a.data, work / "trunk.onnx", work / "cache", only=train, device=dev)
     _, acts = r.namespace.load([r.keys[i] for i in train])
     acts = acts.reshape(-1, *shape).astype(np.float16)
     classes = sorted({ds.items[i].label for i in train})
-    y = torch.tensor([classes.index(ds.items[i].label) for i in train])
+    y = torch.tensor([classes.index(ds.items[i].label) for i in train]).to(dev)
     images = np.stack([load_image(ds.items[i].path, bb.spec) for i in train])
-    frozen = trunk_module(bb, st, k).to(memory_format=torch.channels_last)  # as fast as it gets, for both
+    frozen = trunk_module(bb, st, k).to(dev, memory_format=torch.channels_last)  # as fast as it gets, for both
+    acts_dev = torch.from_numpy(acts).to(dev)  # edgetl moves the activations to the device once
+    images_dev = torch.from_numpy(images).to(dev)
     print(f"{len(train)} training images; cut before block {k} of {len(st.blocks)}; activation {shape} "
           f"({acts.nbytes / 1e6:.0f} MB as float16)")
 
@@ -55,20 +59,22 @@ def main():
         top = top_and_head(st, k, torch.nn.Linear(bb.dim, len(classes)))
         for p in top.parameters():
             p.requires_grad_(True)
-        top.to(memory_format=torch.channels_last)  # edgetl trains in channels-last (finetune.fit)
+        top.to(dev, memory_format=torch.channels_last)  # edgetl trains in channels-last (finetune.fit)
         opt = torch.optim.AdamW(top.parameters(), lr=1e-4)
         top.train()
         t = time.perf_counter()
         for i in range(0, len(train), 32):
             if from_cache:
-                x = torch.from_numpy(acts[i:i + 32].astype(np.float32))
+                x = acts_dev[i:i + 32].float()
             else:
                 with torch.no_grad():
-                    x = frozen(torch.from_numpy(images[i:i + 32]))
+                    x = frozen(images_dev[i:i + 32])
             loss = F.cross_entropy(top(x.contiguous(memory_format=torch.channels_last)), y[i:i + 32])
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     cached, recomputed = [], []
