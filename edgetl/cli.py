@@ -242,15 +242,18 @@ def report_embed(r) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split and of training.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--unfreeze", default="0", show_default=True,
-              help="Final backbone blocks to train: 0 (head only), N, all (full fine-tuning) or auto.")
+              help="Final backbone blocks to train: 0 (head only), N, all (full fine-tuning) or auto (tried on the "
+                   "training photos within --budget; it also decides --head and --augment).")
+@click.option("--budget", type=click.FloatRange(0.5), help="Minutes for --unfreeze auto [default: 5 on a GPU, 10 on "
+                                                           "a CPU].")
 @click.option("--augment", default=0, show_default=True, type=click.IntRange(0, 32),
               help="Cache K augmented views of each training image (with --unfreeze all: augment online).")
 @click.option("--train-bn", is_flag=True, help="Also update BatchNorm statistics of the trained blocks.")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx for CPUs, through the gate of `edgetl quantize` "
                                            "(only when measured no worse and faster on the validation photos).")
 def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout, epochs, patience, lr, weight_decay,
-                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, augment, train_bn,
-                   int8):
+                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, budget, augment,
+                   train_bn, int8):
     """Embed DATA (only new photos), train a head on the cached embeddings, and fuse backbone and head
     into one model.onnx, verified against the chained pair on every validation photo. Also writes
     metrics.json, MODEL_CARD.md, confusion.png, curves.png (and split.json when it made the split)."""
@@ -269,7 +272,8 @@ def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout
                      max_epochs=epochs, patience=patience, seed=seed)
     path = _backbone_file(backbone, weights)
     s = train_head(data, path, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
-                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, int8=int8, log=say)
+                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, int8=int8,
+                   budget_min=budget, log=say)
     m = s["metrics"]
     model = s["out"] / "model.onnx"
     click.echo(f"wrote {model} ({s['regime']}): {len(m['classes'])} classes, "
@@ -296,6 +300,36 @@ def fuse_cmd(backbone, head, output, check_images):
     worst, n = fuse_files(backbone, head, output, list(check_images) or None)
     click.echo(f"wrote {output}; fused vs chained max abs diff {worst:.1e} on {n} images")
     click.echo(f"next: edgetl run --model {q(output)} --camera 0")
+
+
+@main.command(short_help="Compare backbones on your photos: accuracy vs latency.")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbones", "names", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
+              show_default=True, help="Comma list of backbone names (see `edgetl backbones`).")
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
+              help="The embedding cache folder.")
+@click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]),
+              help="The head trained on each backbone's embeddings.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime threads for the latency [default: its choice].")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Where sweep.json and sweep.png go [default: exports/sweep-<DATA name>].")
+def sweep(data, names, cache, kind, device, threads, output):
+    """For each backbone: validation accuracy of a head trained on its cached embeddings (the same
+    split for all), and batch-1 latency on this machine (interleaved); a table, a PNG scatter with the
+    Pareto front, and the recommended backbone with its reason."""
+    from pathlib import Path
+
+    from edgetl.train import sweep as sw
+
+    backbones_ = [n.strip() for n in names.split(",") if n.strip()]
+    if not backbones_:
+        raise click.BadParameter("no backbone named", param_hint="--backbones")
+    r = sw.sweep(data, backbones_, cache, head=kind, device=device, threads=threads, log=say)
+    out = sw.write(r, output or Path("exports") / f"sweep-{Path(data).resolve().name}")
+    click.echo(sw.table(r))
+    click.echo(f"recommended: {r['recommended']} ({r['reason']}); wrote {out / 'sweep.png'}")
+    click.echo(f"next: edgetl train-head {q(data)} --backbone {q(r['recommended'])}")
 
 
 # --- runtime side (onnxruntime, numpy, OpenCV; no torch) -----------------------------------------

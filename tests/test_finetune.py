@@ -156,9 +156,34 @@ def test_auto_rule_and_its_report(data, tmp_path, tiny_onnx):
     assert choose_regime(AUTO_HEAD_BELOW - 1)[0] == "0"
     assert choose_regime(AUTO_HEAD_BELOW)[0] == "2"
     assert choose_regime(AUTO_ALL_FROM)[0] == "all"
-    r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", tmp_path / "o",
-            "--unfreeze", "auto")
-    assert r.exit_code == 0 and "--unfreeze auto: 0 (" in r.output and "head only" in r.output
+    out = tmp_path / "o"
+    r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", out, "--unfreeze", "auto")
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "metrics.json").read_text())
+    rows = s["search"]["rows"]
+    from edgetl.train.search import CANDIDATES
+
+    assert {row["candidate"] for row in rows} == {c.name for c in CANDIDATES}
+    tried = [row for row in rows if row["status"] == "tried"]
+    assert len(tried) >= 4 and all(0 <= row["balanced_accuracy"] <= 1 for row in tried)
+    best = max(tried, key=lambda row: (row["balanced_accuracy"], row["accuracy"], -row["seconds"]))
+    assert s["search"]["chosen"] == best["candidate"] and f"--unfreeze auto: {best['candidate']} (" in r.output
+    assert s["search"]["inner"]["train"] + s["search"]["inner"]["val"] == sum(s["counts"]["train"].values())
+    assert "## How the regime was chosen (--unfreeze auto)" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_auto_keeps_to_its_budget(data, tmp_path, tiny_onnx, monkeypatch):
+    from edgetl.train import search as S
+
+    slow = S.Probe(embed=0.5, top={1: 5.0, 2: 5.0, 3: 5.0}, full=5.0)  # seconds per image: only heads fit
+    monkeypatch.setattr(S, "probe", lambda *a, **k: slow)
+    out = tmp_path / "o"
+    r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", out, "--unfreeze", "auto",
+            "--budget", "1")
+    assert r.exit_code == 0, r.output
+    rows = {row["candidate"]: row for row in json.loads((out / "metrics.json").read_text())["search"]["rows"]}
+    assert rows["linear head"]["status"] == "tried" and rows["whole network, augmented"]["status"] == "over budget"
+    assert rows["last 2 blocks + linear head"]["status"] == "over budget"
 
 
 def test_batchnorm_statistics_stay_frozen_by_default():

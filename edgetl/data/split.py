@@ -50,6 +50,11 @@ def make_split(ds, keys: list[bytes | None], usable: list[int], val_fraction: fl
     return _stratified(ds, keys, usable, val_fraction, seed, notes)
 
 
+def stratified(ds, keys: list[bytes | None], usable: list[int], val_fraction: float, seed: int) -> Split:
+    """A stratified split by content of the items `usable` (as for a folder without val/)."""
+    return _stratified(ds, keys, usable, val_fraction, seed, [])
+
+
 def _stratified(ds, keys, usable, val_fraction, seed, notes) -> Split:
     groups: dict[bytes, list[int]] = {}
     for i in usable:  # byte-identical photos form one group; input order kept

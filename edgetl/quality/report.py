@@ -190,6 +190,20 @@ def _cell(text: str) -> str:
     return safe(text).replace("|", "\\|")
 
 
+def _search_section(s: dict) -> str:
+    sr = s.get("search")
+    if not sr or not sr.get("rows"):
+        return ""
+    from edgetl.train.search import Row, table
+
+    lines = table([Row(**r) for r in sr["rows"]])
+    inner = sr.get("inner", {})
+    return (f"## How the regime was chosen (--unfreeze auto)\nEach candidate was trained on {inner.get('train')} of the "
+            f"training photos and scored on the other {inner.get('val')} (never on the validation photos above), "
+            f"within a budget of {sr['budget_s'] / 60:.0f} minutes; chosen: {sr['chosen']} ({s['auto_reason']}).\n\n"
+            + "    " + "\n    ".join(lines) + "\n\n")
+
+
 def _int8_section(s: dict) -> str:
     q = s.get("int8")
     if not q:
@@ -250,7 +264,7 @@ centre-cropped by `edgetl.data.preprocess.load_image`), output `float32 probabil
 ## Hyper-parameters
 {hp}
 
-{_int8_section(s)}## Verification
+{_search_section(s)}{_int8_section(s)}## Verification
 Fused model vs backbone-then-head on {s['parity_images']} images: max abs diff {s['fuse_max_abs_diff']:.1e}
 (tolerance {s['fuse_atol']:.0e}); head vs PyTorch: {s['head_max_abs_diff']:.1e}.
 

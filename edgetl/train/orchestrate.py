@@ -68,7 +68,8 @@ class Trained:
 
 def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device: str = "auto",
                val_fraction: float = 0.2, batch_size: int = 32, unfreeze: str = "0", augment: int = 0,
-               train_bn: bool = False, weights: str | None = None, int8: bool = False, log=lambda s: None) -> dict:
+               train_bn: bool = False, weights: str | None = None, int8: bool = False, budget_min: float | None = None,
+               log=lambda s: None) -> dict:
     """Run the whole second step; returns the training summary (also written as metrics.json)."""
     from edgetl.data.scan import scan
     from edgetl.export import fuse
@@ -81,10 +82,12 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     bmeta = {p.key: p.value for p in backbone.metadata_props}
     check_parent_writable(out_dir)
     torch_device = None if device == "auto" else ("cuda" if device == "cuda" else "cpu")
-    reason = ""
-    if unfreeze == "auto":  # from the folder's counts (unreadable images are not known yet)
-        unfreeze, reason = choose_regime(_smallest_train_class(scanned, val_fraction))
-        log(f"--unfreeze auto: {unfreeze} ({reason})")
+    reason, search = "", None
+    if unfreeze == "auto":  # measured on the training photos, within the budget
+        search = _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, torch_device, val_fraction,
+                         weights, train_bn, budget_min, batch_size, log)
+        unfreeze, augment, cfg, reason = search["unfreeze"], search["augment"], search["cfg"], search["reason"]
+        log(f"--unfreeze auto: {search['chosen']} ({reason})")
     cut = None
     if unfreeze not in ("0", "all"):  # embed with the trunk straight away: one pass over the images
         cut = _cut(int(unfreeze), bmeta, weights, cache_root, len(scanned.items) * (1 + augment), log)
@@ -122,7 +125,94 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     log(f"trained ({t.regime}): best epoch {t.fit.best_epoch} of {t.fit.epochs_run}, {t.fit.seconds:.1f} s "
         f"on {t.fit.device}")
     return _finish(t, fuse.fuse(t.first, t.second), data, ds, split, y_val, cfg, Path(out_dir), r, batch_size, reason,
-                   int8, log)
+                   int8, log, search)
+
+
+def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, torch_device, val_fraction, weights,
+            train_bn, budget_min, batch_size, log) -> dict:
+    """--unfreeze auto: try the candidate regimes that fit the budget on an inner split of the training
+    photos; returns the chosen regime and the table (see train/search.py)."""
+    import time
+
+    from edgetl.data.embed import embed_folder
+    from edgetl.data.split import Split, stratified
+    from edgetl.deploy.runtime import session
+    from edgetl.errors import EdgetlError
+    from edgetl.train import search as S
+    from edgetl.train.finetune import verified_stages
+
+    t0 = time.perf_counter()
+    budget = 60 * (budget_min if budget_min else S.default_budget_min(device))
+    r = embed_folder(scanned, backbone_path, cache_root, device=device)
+    ds = r.dataset
+    usable = [i for i, k in enumerate(r.keys) if k is not None]
+    check_classes(ds, usable)
+    outer = make_split(ds, r.keys, usable, val_fraction, cfg.seed)
+    inner = stratified(ds, r.keys, outer.train, 0.2, cfg.seed + 1)
+    cls = {c: i for i, c in enumerate(ds.classes)}
+    y_tr = np.array([cls[ds.items[i].label] for i in inner.train])
+    y_va = np.array([cls[ds.items[i].label] for i in inner.val])
+    if len(set(y_tr)) < len(ds.classes) or not len(y_va):
+        unfreeze, why = choose_regime(min(_counts(ds, outer.train).values()))
+        return {"unfreeze": unfreeze, "augment": 0, "cfg": cfg, "chosen": f"--unfreeze {unfreeze}", "rows": [],
+                "reason": f"too few training photos to measure ({why})", "budget_s": budget}
+    sess = session(backbone_path, device, short_job=True)
+    h, w = json.loads(bmeta[C.KEY_PREPROCESS])["input_size"]
+    x = np.zeros((16, h, w, 3), np.uint8)
+    sess.run(None, {C.IMAGE: x})
+    t = time.perf_counter()
+    sess.run(None, {C.IMAGE: x})
+    bb = _torch_backbone(bmeta, weights)
+    st = verified_stages(bb)
+    pr = S.probe(bb, st, (time.perf_counter() - t) / 16 + 0.003, device,
+                 [int(c.unfreeze) for c in S.CANDIDATES if c.unfreeze.isdigit() and 0 < int(c.unfreeze) <= len(st.blocks)])
+    n_images, quiet = len(ds.items), (lambda line: None)
+    rows, best = [], None
+    inner_split = Split(inner.train, inner.val, "inner split of the training photos", False)
+    plan = sorted(S.CANDIDATES, key=lambda c: pr.cost(c, n_images, len(inner.train)))
+    log(f"--unfreeze auto: {len(y_tr)} inner training and {len(y_va)} inner validation photos, budget {budget / 60:.0f} min")
+    for c in plan:
+        est = pr.cost(c, n_images, len(inner.train))
+        row = S.Row(c.name, est)
+        rows.append(row)
+        if c.unfreeze.isdigit() and int(c.unfreeze) > len(st.blocks):
+            row.status = f"{bb.name} has {len(st.blocks)} blocks"
+            continue
+        if time.perf_counter() - t0 + est + pr.cost(c, n_images, len(outer.train)) > budget:
+            row.status = "over budget"
+            continue
+        started = time.perf_counter()
+        common = dict(ds=ds, split=inner_split, y_train=y_tr, y_val=y_va, cfg=dataclasses.replace(cfg, kind=c.kind),
+                      augment=c.augment, cache_root=cache_root, device=device, torch_device=torch_device,
+                      batch_size=batch_size, log=quiet)
+        try:
+            if c.unfreeze == "0":
+                fit = _train_frozen(r, backbone, bmeta, backbone_path, **common).fit
+            elif c.unfreeze == "all":
+                fit = _train_all(bmeta, weights, train_bn, export=False, **common).fit
+            else:
+                cut = _cut(int(c.unfreeze), bmeta, weights, cache_root, n_images, quiet)
+                rt = embed_folder(ds, cut.path, cache_root, device=device, check_space=True)
+                fit = _train_top(cut, rt, train_bn, export=False, **common).fit
+        except EdgetlError as e:
+            row.status = f"failed: {e}"
+            continue
+        row.seconds = time.perf_counter() - started
+        row.balanced_accuracy, row.accuracy = S.score(fit)
+        row.status = "tried"
+        log(f"  {c.name}: inner balanced accuracy {row.balanced_accuracy:.4f} in {row.seconds:.0f} s")
+        if best is None or (row.balanced_accuracy, row.accuracy, -row.seconds) > best[0]:
+            best = ((row.balanced_accuracy, row.accuracy, -row.seconds), c, row)
+    if best is None:
+        raise DataError(f"no candidate regime fits a budget of {budget / 60:.1f} min; give --budget more minutes")
+    _, c, row = best
+    for line in S.table(rows):
+        log(line)
+    return {"unfreeze": c.unfreeze, "augment": c.augment, "cfg": dataclasses.replace(cfg, kind=c.kind), "chosen": c.name,
+            "reason": f"best inner balanced accuracy {row.balanced_accuracy:.4f} of {sum(r.status == 'tried' for r in rows)} "
+                      f"candidates tried in {time.perf_counter() - t0:.0f} s of a {budget / 60:.0f} min budget",
+            "rows": [dataclasses.asdict(x) for x in rows], "budget_s": budget,
+            "inner": {"train": len(y_tr), "val": len(y_va)}}
 
 
 def _aug_views(model_path, ds, split, augment, cache_root, device, batch_size, log, check_space=False):
@@ -198,7 +288,7 @@ def _cut(n_unfreeze: int, bmeta, weights, cache_root, images: int, log) -> Cut:
 
 
 def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augment, cache_root, device,
-               torch_device, batch_size, log) -> Trained:
+               torch_device, batch_size, log, export: bool = True) -> Trained:
     import torch
 
     from edgetl.train import heads as head_mod
@@ -223,6 +313,8 @@ def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augme
     res = fit(top, tensor_batches(x_train, y_all, bs, True, cfg.seed, box, dev),
               tensor_batches(x_val, y_val, 2 * bs, False, 0, [0], dev), y_val, len(ds.classes), y_all, params, cfg,
               epochs=min(cfg.max_epochs, 30), patience=min(cfg.patience, 5), train_bn=train_bn, device=dev, log=log)
+    if not export:  # --unfreeze auto's inner runs: the score is all that is needed
+        return Trained(None, None, 0.0, res, "")
     extra = {C.KEY_BACKBONE: bb.name, C.KEY_FINGERPRINT: tmeta[C.KEY_FINGERPRINT], C.KEY_CUT: tmeta[C.KEY_CUT],
              C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": n_unfreeze, "train_bn": train_bn})}
     top_model, diff = export_top(res.model, shape, ds.classes, extra)
@@ -231,7 +323,7 @@ def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augme
 
 
 def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment, cache_root, device,
-               torch_device, batch_size, log) -> Trained:
+               torch_device, batch_size, log, export: bool = True) -> Trained:
     import torch
 
     from edgetl.data.preprocess import load_image
@@ -283,6 +375,8 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
               {"params": list(model.head.parameters()), "lr": lr}]
     res = fit(model, train_batches, val_batches, y_val, len(ds.classes), y_train, params, cfg, epochs=epochs,
               patience=min(cfg.patience, 4), train_bn=train_bn, device=dev, log=progress)
+    if not export:
+        return Trained(None, None, 0.0, res, "")
     # Export the fine-tuned network as a new backbone (its own fingerprint) and the head, then fuse.
     from edgetl.backbones import state_sha256
 
@@ -301,7 +395,7 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
 
 
 def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_size: int, reason: str,
-            int8: bool = False, log=lambda s: None) -> dict:
+            int8: bool = False, log=lambda s: None, search: dict | None = None) -> dict:
     """Verify fused vs chained on every validation image, compute the fused model's metrics, record the
     split in the model, and write the whole output set at once (a failure leaves the previous set)."""
     import onnx
@@ -341,6 +435,7 @@ def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_
     summary = {
         "name": out.resolve().name, "data": str(data), "split_note": split.note,
         "backbone": fmeta[C.KEY_BACKBONE], "regime": t.regime, "auto_reason": reason or None,
+        "search": {k: v for k, v in search.items() if k != "cfg"} if search else None,
         "link": (f"activation maps {cut['shape']} after block {cut['block']}" if cut
                  else f"embeddings of size {fmeta.get(C.KEY_EMBEDDING_DIM)}"),
         "input_size": list(spec.input_size), "classes": ds.classes,

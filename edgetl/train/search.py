@@ -1,0 +1,146 @@
+"""`--unfreeze auto`: choose the training regime by measurement, within a time budget.
+
+The training photos (never the validation photos that are reported) are split once more, by content:
+an inner training part and an inner validation part. Each candidate regime's cost is estimated from
+short probes on this device (inference and training steps per second); those whose inner run plus a
+final run on all training photos fit the budget are trained on the inner part and scored on the inner
+validation part (balanced accuracy, then accuracy, then time). The best is then trained as usual on all
+training photos and scored on the real validation photos. The table of candidates goes to the output,
+metrics.json and the model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+AUG = 4  # cached augmented views for the frozen candidates that augment
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str
+    unfreeze: str  # "0" | "1".."3" | "all"
+    kind: str  # linear | mlp
+    augment: int
+
+
+CANDIDATES = (
+    Candidate("linear head", "0", "linear", 0),
+    Candidate("mlp head", "0", "mlp", 0),
+    Candidate(f"linear head, {AUG} augmented views", "0", "linear", AUG),
+    Candidate(f"mlp head, {AUG} augmented views", "0", "mlp", AUG),
+    Candidate("last block + linear head", "1", "linear", 0),
+    Candidate("last 2 blocks + linear head", "2", "linear", 0),
+    Candidate("last 3 blocks + linear head", "3", "linear", 0),
+    Candidate("whole network, augmented", "all", "linear", 1),
+)
+DEFAULT_BUDGET_MIN = {"cuda": 5.0, "cpu": 10.0}
+
+
+def default_budget_min(device: str) -> float:
+    import torch
+
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return DEFAULT_BUDGET_MIN["cuda" if on_gpu else "cpu"]
+
+
+@dataclasses.dataclass
+class Probe:
+    """Seconds per image on this device: embedding (decode + inference), training a top of N blocks, the
+    whole network."""
+
+    embed: float
+    top: dict[int, float]
+    full: float
+
+    def cost(self, c: Candidate, n_images: int, n_train: int) -> float:
+        """Estimated seconds for `c`: embeddings not yet cached, then training on `n_train` photos."""
+        views = 1 + c.augment
+        if c.unfreeze == "0":
+            return self.embed * n_train * c.augment + 0.002 * n_train * views * 60 / 10 + 2
+        if c.unfreeze == "all":
+            return self.full * n_train * 10 + 10  # about 10 epochs, and the export
+        k = int(c.unfreeze)
+        return self.embed * n_images + self.top[k] * n_train * 12 + 5  # about 12 epochs
+
+
+def probe(bb, stages, embed_s_per_image: float, device: str, block_counts=(1, 2, 3)) -> Probe:
+    """Time a few training steps of each candidate's trainable part on random data (batch as training)."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgetl.export.torch_onnx import image_module
+    from edgetl.train.finetune import _autocast, _layout, device_batch, top_and_head
+
+    dev = device if device in ("cpu", "cuda") else ("cuda" if torch.cuda.is_available() else "cpu")
+    bs, _ = device_batch(dev, 1e-3)
+    autocast = _autocast(dev)
+    h, w = bb.spec.input_size
+
+    def per_image(model, x, steps=3) -> float:
+        model.to(dev).train()
+        model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        y = torch.zeros(len(x), dtype=torch.long, device=dev)
+        x = _layout(x.to(dev))
+        times = []
+        for _ in range(steps + 1):
+            t = time.perf_counter()
+            with autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:])) / len(x)
+
+    tops = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for n in block_counts:
+            k = len(stages.blocks) - n
+            with torch.no_grad():
+                act = torch.nn.Sequential(stages.stem, *stages.blocks[:k])(torch.randn(1, 3, h, w))
+            top = top_and_head(stages, k, torch.nn.Linear(bb.dim, 2))
+            for p in top.parameters():
+                p.requires_grad_(True)
+            tops[n] = per_image(top, torch.randn(bs, *act.shape[1:]))
+        model = torch.nn.Sequential(image_module(bb), torch.nn.Linear(bb.dim, 2))
+        for p in model.parameters():
+            p.requires_grad_(True)
+        full = per_image(model, torch.randint(0, 255, (bs, h, w, 3), dtype=torch.uint8), steps=2)
+    for p in bb.model.parameters():  # the probe must not change the backbone it borrowed
+        p.requires_grad_(False)
+    return Probe(embed_s_per_image, tops, full + (0.004 if dev == "cpu" else 0.0005))  # + decoding/augmenting
+
+
+@dataclasses.dataclass
+class Row:
+    candidate: str
+    estimated_s: float
+    seconds: float | None = None
+    accuracy: float | None = None
+    balanced_accuracy: float | None = None
+    status: str = "not tried"
+
+
+def table(rows: list[Row]) -> list[str]:
+    lines = [f"{'candidate':<36} {'est. s':>7} {'took s':>7} {'inner acc':>9} {'balanced':>9}  status"]
+    for r in rows:
+        took = f"{r.seconds:.0f}" if r.seconds is not None else "-"
+        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
+        bal = f"{r.balanced_accuracy:.4f}" if r.balanced_accuracy is not None else "-"
+        lines.append(f"{r.candidate:<36} {r.estimated_s:>7.0f} {took:>7} {acc:>9} {bal:>9}  {r.status}")
+    return lines
+
+
+def score(fit) -> tuple[float, float]:
+    """(balanced accuracy, accuracy) on the inner validation photos at the kept epoch."""
+    h = fit.history
+    i = max(0, fit.best_epoch - 1)
+    return h["val_balanced_acc"][i], h["val_acc"][i]
