@@ -170,27 +170,56 @@ def freeze_bn(module, train_bn: bool):
                 m.eval()
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the whole network is fine-tuned (`--unfreeze all`); each part measured on its own in
+    scripts/bench_finetune.py."""
+
+    warmup: float = 0.0  # share of the steps with a linear warm-up, then cosine per step (0: cosine per epoch)
+    ema: float = 0.0  # exponential moving average of the weights (decay per step); 0: off
+    mixup: float = 0.0  # Beta(a, a) for mixup; 0: off
+    cutmix: float = 0.0  # Beta(a, a) for cutmix; 0: off (with both on, one of the two per batch)
+    trivial_augment: bool = False  # TrivialAugmentWide (torchvision v2) after the crop and flip
+    llrd: float = 0.0  # layer-wise learning-rate decay per block from the top; 0: one rate for the backbone
+
+
+DEFAULT_RECIPE = Recipe()
+
+
 def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray, params, cfg, epochs: int,
-        patience: int, train_bn: bool, device: str, log=lambda s: None):
+        patience: int, train_bn: bool, device: str, log=lambda s: None, recipe: Recipe | None = None,
+        steps_per_epoch: int | None = None):
     """Generic loop: `train_batches()` yields (x, y) tensors per step; early stopping on validation loss.
 
     `params` are optimiser parameter groups (different learning rates for pretrained and new parts).
-    Returns a head.Fit.
+    `recipe` (full fine-tuning) adds warm-up and cosine per step, an EMA of the weights (which is what
+    is validated and kept), mixup/cutmix on the uint8 images. Returns a head.Fit.
     """
     import copy
+    import math
     import time
 
     import torch
 
     from edgetl.train.heads import Fit, balanced_accuracy, class_weights, loss_fn, val_criterion
 
+    recipe = recipe or Recipe()
     t0 = time.perf_counter()
     # channels-last is much faster for depthwise convolutions on CPUs (about 1.6x for a training step)
     model.to(memory_format=torch.channels_last)
     loss_of = loss_fn(cfg, y_train, n_classes, device)
     val_loss_of = val_criterion(cfg, y_train, n_classes, device)
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    if recipe.warmup and steps_per_epoch:
+        total_steps = max(1, epochs * steps_per_epoch)
+        warm = max(1, int(recipe.warmup * total_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                                  0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total_steps - warm))))
+        per_step = True
+    else:
+        sched, per_step = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs)), False
+    ema = _Ema(model, recipe.ema) if recipe.ema else None
+    mix = _Mixer(recipe.mixup, recipe.cutmix, n_classes, cfg.seed) if recipe.mixup or recipe.cutmix else None
     hist = {"train_loss": [], "val_loss": [], "val_acc": [], "val_balanced_acc": []}
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     epoch = 0
@@ -202,27 +231,35 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
         total, n = torch.zeros((), device=device), 0
         t_epoch = time.perf_counter()
         for x, y in train_batches():
-            x, y = _layout(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mix is not None:
+                x, y = mix(x, y)
             with autocast():
-                loss = loss_of(model(x).float(), y)
+                loss = loss_of(model(_layout(x)).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if per_step:
+                sched.step()
+            if ema is not None:
+                ema.update(model)
             total += loss.detach() * len(y)  # no sync per step
             n += len(y)
         total = float(total)
         images_seen += n
         t_train += time.perf_counter() - t_epoch
         hist.setdefault("epoch_images_per_s", []).append(n / (time.perf_counter() - t_epoch))
-        sched.step()
-        model.eval()
+        if not per_step:
+            sched.step()
+        judged = ema.model if ema is not None else model
+        judged.eval()
         line = f"epoch {epoch}/{epochs}: train loss {total / max(n, 1):.4f}"
         hist["train_loss"].append(total / max(n, 1))
         if len(val_y):
             logits, ys = [], []
             with torch.no_grad(), autocast():
                 for x, y in val_x():
-                    logits.append(model(_layout(x.to(device, non_blocking=True))).float().cpu())
+                    logits.append(judged(_layout(x.to(device, non_blocking=True))).float().cpu())
                     ys.append(y.cpu())
             logits, ys = torch.cat(logits), torch.cat(ys)
             vl = float(val_loss_of(logits.to(device), ys.to(device)))
@@ -235,7 +272,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
             vl = -epoch  # no validation photos: keep the last epoch
         log(f"{line}, {time.perf_counter() - t0:.0f} s")
         if vl < best[0] - 1e-6:
-            best = (vl, epoch, copy.deepcopy(model.state_dict()))
+            best = (vl, epoch, copy.deepcopy(judged.state_dict()))
         elif len(val_y) and epoch - best[1] >= patience:
             break
     model.load_state_dict(best[2])
@@ -243,6 +280,72 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     weights = class_weights(y_train, n_classes) if cfg.balance == "weighted" else None
     hist["train_images_per_s"] = images_seen / t_train if t_train else None
     return Fit(model, best[1], epoch, hist, weights, time.perf_counter() - t0, device)
+
+
+class _Ema:
+    """An exponential moving average of a model's weights (buffers copied)."""
+
+    def __init__(self, model, decay: float):
+        import copy
+
+        self.model, self.decay = copy.deepcopy(model), decay
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def update(self, model):
+        import torch
+
+        with torch.no_grad():
+            for e, p in zip(self.model.parameters(), model.parameters()):
+                e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+            for e, b in zip(self.model.buffers(), model.buffers()):
+                e.copy_(b)
+
+
+class _Mixer:
+    """Mixup or cutmix on a batch of uint8 NHWC images; labels become class probabilities."""
+
+    def __init__(self, mixup: float, cutmix: float, n_classes: int, seed: int):
+        self.mixup, self.cutmix, self.k = mixup, cutmix, n_classes
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, x, y):
+        import torch
+
+        perm = torch.from_numpy(self.rng.permutation(len(x))).to(x.device)
+        onehot = torch.nn.functional.one_hot(y, self.k).float()
+        use_cut = self.cutmix and (not self.mixup or self.rng.random() < 0.5)
+        lam = float(self.rng.beta(self.cutmix, self.cutmix) if use_cut else self.rng.beta(self.mixup, self.mixup))
+        if use_cut:
+            h, w = x.shape[1:3]
+            ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+            cy, cx = self.rng.integers(0, h), self.rng.integers(0, w)
+            t, b = max(0, cy - ch // 2), min(h, cy + ch // 2)
+            left, r = max(0, cx - cw // 2), min(w, cx + cw // 2)
+            x = x.clone()
+            x[:, t:b, left:r] = x[perm, t:b, left:r]
+            lam = 1 - (b - t) * (r - left) / (h * w)
+        else:
+            x = (x.float() * lam + x[perm].float() * (1 - lam)).round_().to(torch.uint8)
+        return x, onehot * lam + onehot[perm] * (1 - lam)
+
+
+def llrd_groups(full_model, features_model, head, lr: float, decay: float):
+    """Parameter groups with the learning rate decaying by `decay` per block from the top of the backbone
+    (its tail at lr·decay, the stem lowest); the head at lr."""
+    st = stages(features_model)
+    ordered = [st.tail] + list(reversed(st.blocks)) + [st.stem]
+    groups, seen = [], set()
+    for depth, module in enumerate(ordered, start=1):
+        ps = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        if ps:
+            groups.append({"params": ps, "lr": lr * decay ** depth})
+    rest = [p for p in features_model.parameters() if id(p) not in seen]
+    if rest:
+        groups.append({"params": rest, "lr": lr * decay ** len(ordered)})
+    groups.append({"params": list(head.parameters()), "lr": lr})
+    return groups
 
 
 def _autocast(device: str):
@@ -299,8 +402,9 @@ class TrainImages:
     """Training photos for full fine-tuning: item (j, seed) → (uint8 H×W×3, label). Picklable, so a
     torch DataLoader can read them in worker processes."""
 
-    def __init__(self, paths, labels, spec, augment: bool):
+    def __init__(self, paths, labels, spec, augment: bool, trivial_augment: bool = False):
         self.paths, self.labels, self.spec, self.augment = list(paths), np.asarray(labels), spec, augment
+        self.trivial_augment = trivial_augment
 
     def __len__(self):
         return len(self.paths)
@@ -313,9 +417,22 @@ class TrainImages:
         data = read_regular(path)
         if self.augment:
             img = augment_view(decode_bgr(data, self.spec.resize_size, str(path)), self.spec, int(seed))
+            if self.trivial_augment:
+                img = _trivial_augment(img, int(seed))
         else:
             img = load_image(data, self.spec, str(path))
         return img, int(self.labels[j])
+
+
+def _trivial_augment(img: np.ndarray, seed: int) -> np.ndarray:
+    """TrivialAugmentWide (torchvision v2) on a uint8 H×W×3 image, seeded."""
+    import torch
+    from torchvision.transforms import v2
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed % (2**63))
+        out = v2.TrivialAugmentWide()(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
+    return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
 
 
 def image_batches(images: TrainImages, bs: int, rng, device: str, workers: int | None = None):

@@ -193,10 +193,14 @@ def loss_fn(cfg: HeadConfig, y_train: np.ndarray, n_classes: int, device):
 
     def loss(logits, y):
         logp = F.log_softmax(logits, dim=1)
-        per = -(1 - eps) * logp.gather(1, y[:, None])[:, 0] - eps * logp.mean(1)
-        if w is None:
+        if y.dtype.is_floating_point:  # class probabilities (mixup, cutmix)
+            per = -(1 - eps) * (y * logp).sum(1) - eps * logp.mean(1)
+            sw = y @ w if w is not None else None
+        else:
+            per = -(1 - eps) * logp.gather(1, y[:, None])[:, 0] - eps * logp.mean(1)
+            sw = w[y] if w is not None else None
+        if sw is None:
             return per.mean()
-        sw = w[y]
         return (per * sw).sum() / sw.sum()
 
     return loss

@@ -69,7 +69,7 @@ class Trained:
 def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device: str = "auto",
                val_fraction: float = 0.2, batch_size: int = 32, unfreeze: str = "0", augment: int = 0,
                train_bn: bool = False, weights: str | None = None, int8: bool = False, budget_min: float | None = None,
-               log=lambda s: None) -> dict:
+               recipe=None, log=lambda s: None) -> dict:
     """Run the whole second step; returns the training summary (also written as metrics.json)."""
     from edgetl.data.scan import scan
     from edgetl.export import fuse
@@ -119,7 +119,7 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     if unfreeze == "0":
         t = _train_frozen(r, backbone, bmeta, backbone_path, **common)
     elif unfreeze == "all":
-        t = _train_all(bmeta, weights, train_bn, **common)
+        t = _train_all(bmeta, weights, train_bn, recipe=recipe, **common)
     else:
         t = _train_top(cut, r, train_bn, **common)
     log(f"trained ({t.regime}): best epoch {t.fit.best_epoch} of {t.fit.epochs_run}, {t.fit.seconds:.1f} s "
@@ -198,11 +198,11 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
             row.status = f"failed: {e}"
             continue
         row.seconds = time.perf_counter() - started
-        row.balanced_accuracy, row.accuracy = S.score(fit)
+        row.balanced_accuracy, row.accuracy, row.loss = S.score(fit)
         row.status = "tried"
-        log(f"  {c.name}: inner balanced accuracy {row.balanced_accuracy:.4f} in {row.seconds:.0f} s")
-        if best is None or (row.balanced_accuracy, row.accuracy, -row.seconds) > best[0]:
-            best = ((row.balanced_accuracy, row.accuracy, -row.seconds), c, row)
+        log(f"  {c.name}: inner balanced accuracy {row.balanced_accuracy:.4f}, loss {row.loss:.4f}, {row.seconds:.0f} s")
+        if best is None or (row.balanced_accuracy, -row.loss) > best[0]:
+            best = ((row.balanced_accuracy, -row.loss), c, row)
     if best is None:
         raise DataError(f"no candidate regime fits a budget of {budget / 60:.1f} min; give --budget more minutes")
     _, c, row = best
@@ -323,14 +323,14 @@ def _train_top(cut: Cut, center, train_bn, ds, split, y_train, y_val, cfg, augme
 
 
 def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment, cache_root, device,
-               torch_device, batch_size, log, export: bool = True) -> Trained:
+               torch_device, batch_size, log, export: bool = True, recipe=None) -> Trained:
     import torch
 
     from edgetl.data.preprocess import load_image
     from edgetl.export import fuse
     from edgetl.export.torch_onnx import image_module, to_onnx
     from edgetl.train import heads as head_mod
-    from edgetl.train.finetune import TrainImages, device_batch, fit, image_batches
+    from edgetl.train.finetune import DEFAULT_RECIPE, TrainImages, device_batch, fit, image_batches, llrd_groups
 
     bb = _torch_backbone(bmeta, weights)
     spec = bb.spec
@@ -352,7 +352,9 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
     model = Full()
     dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev)
-    images = TrainImages([ds.items[i].path for i in split.train], y_train, spec, bool(augment))
+    recipe = recipe or DEFAULT_RECIPE
+    images = TrainImages([ds.items[i].path for i in split.train], y_train, spec, bool(augment),
+                         trivial_augment=recipe.trivial_augment)
     val_x = np.stack([load_image(ds.items[i].path, spec) for i in split.val]) if split.val else None
     rng = np.random.default_rng(cfg.seed)
     import time
@@ -371,10 +373,12 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
         eta = (time.perf_counter() - started) / ep * (epochs - ep)
         log(f"{line}, ETA {eta:.0f} s (at most)")
 
-    params = [{"params": list(model.features.parameters()), "lr": lr * 0.1},
-              {"params": list(model.head.parameters()), "lr": lr}]
+    params = (llrd_groups(model, model.features.features, model.head, lr, recipe.llrd) if recipe.llrd else
+              [{"params": list(model.features.parameters()), "lr": lr * 0.1},
+               {"params": list(model.head.parameters()), "lr": lr}])
     res = fit(model, train_batches, val_batches, y_val, len(ds.classes), y_train, params, cfg, epochs=epochs,
-              patience=min(cfg.patience, 4), train_bn=train_bn, device=dev, log=progress)
+              patience=min(cfg.patience, 4), train_bn=train_bn, device=dev, log=progress, recipe=recipe,
+              steps_per_epoch=-(-len(images) // bs))
     if not export:
         return Trained(None, None, 0.0, res, "")
     # Export the fine-tuned network as a new backbone (its own fingerprint) and the head, then fuse.
