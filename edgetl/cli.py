@@ -385,19 +385,51 @@ def predict(model, paths, top_k, fmt, device):
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Classes shown per frame.")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
-def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device):
+@click.option("--collect", "collect_dir", type=click.Path(file_okay=False),
+              help="Save the frames the model is unsure about to DIR/<predicted class>/ (JPEG + JSON sidecar), "
+                   "to sort into your class folders and train on; keep DIR outside your training folder.")
+@click.option("--collect-below", type=click.FloatRange(0, 1),
+              help="With --collect: keep frames whose top probability is below this [default: 0.6].")
+@click.option("--collect-margin", type=click.FloatRange(0, 1),
+              help="With --collect: also keep frames whose top two probabilities are closer than this [default: off].")
+@click.option("--collect-every", type=click.FloatRange(0), help="With --collect: at most one frame per this many "
+                                                               "seconds of the source [default: 1].")
+@click.option("--collect-max", type=click.IntRange(1), help="With --collect: save at most this many frames [default: 500].")
+def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device, collect_dir,
+        collect_below, collect_margin, collect_every, collect_max):
     """Classify live frames from a camera, a video, a stream or a folder with onnxruntime (no torch):
     an overlay window (q or Esc quits), one JSON line per frame (--headless), and/or an annotated
-    video (--save). Ctrl-C ends it cleanly; the saved video stays playable."""
+    video (--save). Ctrl-C ends it cleanly; the saved video stays playable.
+
+    --collect DIR keeps the frames the model is unsure about (top probability below --collect-below,
+    top two closer than --collect-margin, or 'unknown' under --threshold), at most one per
+    --collect-every seconds and --collect-max in all, never one like a frame already saved."""
     from edgetl.deploy import live, runtime
 
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera INDEX or --source FILE|URL|FOLDER|GLOB")
+    given = [n for n, v in (("--collect-below", collect_below), ("--collect-margin", collect_margin),
+                            ("--collect-every", collect_every), ("--collect-max", collect_max)) if v is not None]
+    if given and not collect_dir:
+        raise click.UsageError(f"{given[0]} needs --collect DIR")
     path = model or _newest_model()
     m = runtime.load_model(path, device, spin=False)  # the capture thread needs the CPU too
+    collector = None
+    if collect_dir:
+        from edgetl.deploy.collect import Collector
+
+        collector = Collector(collect_dir, m, below=0.6 if collect_below is None else collect_below,
+                              margin=collect_margin, threshold=threshold,
+                              every=1.0 if collect_every is None else collect_every,
+                              max_frames=500 if collect_max is None else collect_max)
     s = live.run(m, camera=camera, source=source, headless=headless, save=save, threshold=threshold,
-                 smooth=smooth, top_k=min(top_k, len(m.classes)), max_frames=max_frames, log=say)
+                 smooth=smooth, top_k=min(top_k, len(m.classes)), max_frames=max_frames, log=say, collect=collector)
     say(s.line())
+    if collector is not None:
+        say(collector.line())
+        if collector.counts.saved:
+            say(f"then: move each photo in {q(collect_dir)} into its true class folder of your photos and run "
+                "`edgetl train-head PHOTOS` (only the new photos are embedded)")
     if s.exit_code:
         _exit(s.exit_code)
 
