@@ -309,13 +309,22 @@ def fuse_cmd(backbone, head, output, check_images):
                    "(and how many of them it was trained on).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(model, data, split, device, as_json):
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML page (images embedded): per-class table, confusion matrix and "
+                   "thumbnails of the most confident mistakes.")
+def evaluate(model, data, split, device, as_json, html_path):
     """Accuracy, balanced accuracy, per-class metrics and confusion matrix of MODEL on DATA, from
     model.onnx alone (no torch, no cache)."""
     from edgetl.deploy import runtime
     from edgetl.quality import report
 
-    m, skipped, sel = runtime.evaluate(runtime.load_model(model, device), data, split)
+    rows = [] if html_path else None
+    m, skipped, sel = runtime.evaluate(runtime.load_model(model, device), data, split, rows=rows)
+    if html_path:
+        from edgetl.quality import html
+
+        html.write_page(html_path, html.evaluation_page(m, rows, sel.note, model, data, report.warnings(m), len(skipped)))
+        say(f"wrote {html_path}")
     if as_json:
         click.echo(report.dumps({**m, "scored": sel.note, "trained_on": sel.trained_on}))
     else:
