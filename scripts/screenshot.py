@@ -55,7 +55,6 @@ def screenshot(page: str | os.PathLike, png: str | os.PathLike, size=(1200, 900)
 def blank(png: str | os.PathLike) -> str | None:
     """Why the screenshot looks blank (unreadable, one colour, nearly all white), or None when it shows something."""
     import cv2
-    import numpy as np
 
     img = cv2.imread(str(png), cv2.IMREAD_COLOR)
     if img is None:

@@ -211,7 +211,8 @@ def test_similar_frames_and_folder_names(tmp_path):
     assert c.offer(frame(2, 0.2, 7), np.array([0.2, 0.5, 0.3]), "x") is not None  # another scene
     names = sorted(d.name for d in (tmp_path / "o").iterdir())
     assert names == ["_.._up", "_.hidden"] and not (tmp_path / "up").exists()
-    assert collect.hash_distance(collect.dhash(frame(0, 0, 1).bgr), collect.dhash(frame(0, 0, 7).bgr)[None])[0] > 2 * collect.SAME_SCENE
+    other = collect.dhash(frame(0, 0, 7).bgr)[None]
+    assert collect.hash_distance(collect.dhash(frame(0, 0, 1).bgr), other)[0] > 2 * collect.SAME_SCENE
 
 
 def test_collector_needs_no_torch():
