@@ -17,6 +17,10 @@ from edgetl.errors import EdgetlError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_CACHE = "exports/cache"
+# `edgetl lint` checks (defined in edgetl.quality.lint; repeated here so that --help needs no import)
+LINT_CHECKS = ("leakage", "conflict", "label-error", "duplicate", "near-duplicate", "outlier", "imbalance", "tiny",
+               "upscaled", "unreadable")
+DEFAULT_FAIL_ON = ("leakage", "conflict")
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
 DEVICE_HELP = "Where onnxruntime runs: auto picks CUDA when it can load here, else the CPU."
 # Modules only the training extra brings; a command that needs one says how to install it.
@@ -520,6 +524,54 @@ def bench_cmd(models, device, batch, threads, images, rounds, spin, as_json):
                     threads=ints(threads, "--threads") if threads else [None], images=images, rounds=rounds,
                     spin=spin)
     click.echo(json.dumps(r, indent=1) if as_json else bench.table(r))
+
+
+@main.command(short_help="Check a photo folder: duplicates, leakage, label errors, outliers, sizes.")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
+              help="The embedding cache folder (only photos not in it yet are embedded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON (strict) instead of text.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML page of the findings, with thumbnails.")
+@click.option("--fail-on", default=",".join(DEFAULT_FAIL_ON), show_default=True,
+              help="Exit 1 when one of these checks finds something (a comma list of "
+                   f"{', '.join(LINT_CHECKS)}; all; none).")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
+              help="As in train-head: the validation share of the split leakage is checked against (class folders "
+                   "without val/).")
+@click.option("--seed", default=0, show_default=True, type=int, help="As in train-head: the seed of that split.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.pass_context
+def lint(ctx, data, backbone, weights, cache, as_json, html_path, fail_on, val_fraction, seed, device):
+    """Check the photos of DATA from their cached embeddings: exact and near duplicates (loudly when they
+    straddle the train/validation split -- leakage -- or carry two labels -- conflict), likely label
+    errors, outliers, class imbalance, tiny or upscaled images, unreadable files.
+
+    \b
+    Exit status: 0 when no --fail-on check found anything (other findings are reported only);
+    1 with one line `lint failed: ...` on stderr when one did; 1 with the usual one-line
+    `Error: ...` when DATA, the backbone or the cache cannot be used.
+    """
+    from edgetl.quality import lint as lint_mod
+
+    checks = lint_mod.parse_fail_on(fail_on)
+    r = lint_mod.lint(data, _backbone_file(backbone, weights), cache, checks, val_fraction, seed, device, log=say)
+    if html_path:
+        lint_mod.write_html(r, html_path)
+        say(f"wrote {html_path}")
+    click.echo(lint_mod.to_json(r) if as_json else lint_mod.text(r))
+    say(lint_mod.summary(r))
+    if r["failed"]:
+        click.echo("lint failed: " + ", ".join(f"{c} ({r['counts'][c]})" for c in r["failed"])
+                   + f" (--fail-on {','.join(checks)})", err=True)
+        ctx.exit(1)
+    flags = (f" --backbone {q(backbone)}" if backbone != DEFAULT_BACKBONE else "") + \
+        (f" --cache {q(cache)}" if cache != DEFAULT_CACHE else "")
+    found = any(r["counts"].values())
+    click.echo(f"next: edgetl lint {q(data)}{flags} --html lint.html" if found and not html_path
+               else f"next: edgetl train-head {q(data)}{flags}", err=True)
 
 
 if __name__ == "__main__":
