@@ -236,7 +236,7 @@ def _pair_similarities(x: np.ndarray, keys, rng, most: int = 2_000_000) -> np.nd
         i, j = np.triu_indices(n, 1)
     else:
         i, j = rng.integers(0, n, most), rng.integers(0, n, most)
-    key_id = np.unique(np.array([hash(kb) for kb in keys]), return_inverse=True)[1]
+    key_id = _key_ids(keys)
     keep = key_id[i] != key_id[j]
     i, j = i[keep], j[keep]
     out = np.empty(len(i), dtype=np.float32)
@@ -250,11 +250,11 @@ def _neighbours(x: np.ndarray, keys: list[bytes], thr: float, k: int):
     pairs (i < j, similarity ≥ thr, different content)."""
     n = len(x)
     k = max(0, min(k, n - 1))
-    key_id = np.unique(np.array([hash(kb) for kb in keys]), return_inverse=True)[1]
+    key_id = _key_ids(keys)
     nb = np.zeros((n, k), dtype=np.int64)
     nb_sim = np.zeros((n, k), dtype=np.float32)
     edges = []
-    rows = max(1, (1 << 25) // max(n, 1))  # about 128 MB of similarities at a time
+    rows = max(1, (1 << 23) // max(n, 1))  # 8M similarities at a time (32 MB, and 64 MB of indices)
     for a in range(0, n, rows):
         b = min(n, a + rows)
         s = x[a:b] @ x.T
@@ -271,6 +271,12 @@ def _neighbours(x: np.ndarray, keys: list[bytes], thr: float, k: int):
             nb[a:b] = np.take_along_axis(part, order, 1)
             nb_sim[a:b] = np.take_along_axis(ps, order, 1)
     return nb, nb_sim, edges
+
+
+def _key_ids(keys) -> np.ndarray:
+    """A small integer per distinct content key."""
+    ids: dict[bytes, int] = {}
+    return np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
 
 
 def _components(keys, edges) -> np.ndarray:
