@@ -229,7 +229,7 @@ def near_threshold(sess, spec, paths, x: np.ndarray, keys, seed: int = 0) -> tup
 PAIR_SHARE = 0.001
 
 
-def _pair_similarities(x: np.ndarray, keys, rng, most: int = 2_000_000) -> np.ndarray:
+def _pair_similarities(x: np.ndarray, keys, rng, most: int = 200_000) -> np.ndarray:
     """Cosine similarities of pairs of different photos (all pairs, or `most` drawn at random)."""
     n = len(x)
     if n * (n - 1) // 2 <= most:
