@@ -17,6 +17,10 @@ from edgetl.errors import EdgetlError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_CACHE = "exports/cache"
+# `edgetl lint` checks (defined in edgetl.quality.lint; repeated here so that --help needs no import)
+LINT_CHECKS = ("leakage", "conflict", "label-error", "duplicate", "near-duplicate", "outlier", "imbalance", "tiny",
+               "upscaled", "unreadable")
+DEFAULT_FAIL_ON = ("leakage", "conflict")
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
 DEVICE_HELP = "Where onnxruntime runs: auto picks CUDA when it can load here, else the CPU."
 # Modules only the training extra brings; a command that needs one says how to install it.
@@ -343,13 +347,22 @@ def sweep(data, names, cache, kind, device, threads, output):
                    "(and how many of them it was trained on).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(model, data, split, device, as_json):
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML page (images embedded): per-class table, confusion matrix and "
+                   "thumbnails of the most confident mistakes.")
+def evaluate(model, data, split, device, as_json, html_path):
     """Accuracy, balanced accuracy, per-class metrics and confusion matrix of MODEL on DATA, from
     model.onnx alone (no torch, no cache)."""
     from edgetl.deploy import runtime
     from edgetl.quality import report
 
-    m, skipped, sel = runtime.evaluate(runtime.load_model(model, device), data, split)
+    rows = [] if html_path else None
+    m, skipped, sel = runtime.evaluate(runtime.load_model(model, device), data, split, rows=rows)
+    if html_path:
+        from edgetl.quality import html
+
+        html.write_page(html_path, html.evaluation_page(m, rows, sel.note, model, data, report.warnings(m), len(skipped)))
+        say(f"wrote {html_path}")
     if as_json:
         click.echo(report.dumps({**m, "scored": sel.note, "trained_on": sel.trained_on}))
     else:
@@ -419,19 +432,51 @@ def predict(model, paths, top_k, fmt, device):
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Classes shown per frame.")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
-def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device):
+@click.option("--collect", "collect_dir", type=click.Path(file_okay=False),
+              help="Save the frames the model is unsure about to DIR/<predicted class>/ (JPEG + JSON sidecar), "
+                   "to sort into your class folders and train on; keep DIR outside your training folder.")
+@click.option("--collect-below", type=click.FloatRange(0, 1),
+              help="With --collect: keep frames whose top probability is below this [default: 0.6].")
+@click.option("--collect-margin", type=click.FloatRange(0, 1),
+              help="With --collect: also keep frames whose top two probabilities are closer than this [default: off].")
+@click.option("--collect-every", type=click.FloatRange(0), help="With --collect: at most one frame per this many "
+                                                               "seconds of the source [default: 1].")
+@click.option("--collect-max", type=click.IntRange(1), help="With --collect: save at most this many frames [default: 500].")
+def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device, collect_dir,
+        collect_below, collect_margin, collect_every, collect_max):
     """Classify live frames from a camera, a video, a stream or a folder with onnxruntime (no torch):
     an overlay window (q or Esc quits), one JSON line per frame (--headless), and/or an annotated
-    video (--save). Ctrl-C ends it cleanly; the saved video stays playable."""
+    video (--save). Ctrl-C ends it cleanly; the saved video stays playable.
+
+    --collect DIR keeps the frames the model is unsure about (top probability below --collect-below,
+    top two closer than --collect-margin, or 'unknown' under --threshold), at most one per
+    --collect-every seconds and --collect-max in all, never one like a frame already saved."""
     from edgetl.deploy import live, runtime
 
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera INDEX or --source FILE|URL|FOLDER|GLOB")
+    given = [n for n, v in (("--collect-below", collect_below), ("--collect-margin", collect_margin),
+                            ("--collect-every", collect_every), ("--collect-max", collect_max)) if v is not None]
+    if given and not collect_dir:
+        raise click.UsageError(f"{given[0]} needs --collect DIR")
     path = model or _newest_model()
     m = runtime.load_model(path, device, spin=False)  # the capture thread needs the CPU too
+    collector = None
+    if collect_dir:
+        from edgetl.deploy.collect import Collector
+
+        collector = Collector(collect_dir, m, below=0.6 if collect_below is None else collect_below,
+                              margin=collect_margin, threshold=threshold,
+                              every=1.0 if collect_every is None else collect_every,
+                              max_frames=500 if collect_max is None else collect_max)
     s = live.run(m, camera=camera, source=source, headless=headless, save=save, threshold=threshold,
-                 smooth=smooth, top_k=min(top_k, len(m.classes)), max_frames=max_frames, log=say)
+                 smooth=smooth, top_k=min(top_k, len(m.classes)), max_frames=max_frames, log=say, collect=collector)
     say(s.line())
+    if collector is not None:
+        say(collector.line())
+        if collector.counts.saved:
+            say(f"then: move each photo in {q(collect_dir)} into its true class folder of your photos and run "
+                "`edgetl train-head PHOTOS` (only the new photos are embedded)")
     if s.exit_code:
         _exit(s.exit_code)
 
@@ -513,6 +558,54 @@ def bench_cmd(models, device, batch, threads, images, rounds, spin, as_json):
                     threads=ints(threads, "--threads") if threads else [None], images=images, rounds=rounds,
                     spin=spin)
     click.echo(json.dumps(r, indent=1) if as_json else bench.table(r))
+
+
+@main.command(short_help="Check a photo folder: duplicates, leakage, label errors, outliers, sizes.")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+@click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
+              help="The embedding cache folder (only photos not in it yet are embedded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON (strict) instead of text.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML page of the findings, with thumbnails.")
+@click.option("--fail-on", default=",".join(DEFAULT_FAIL_ON), show_default=True,
+              help="Exit 1 when one of these checks finds something (a comma list of "
+                   f"{', '.join(LINT_CHECKS)}; all; none).")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
+              help="As in train-head: the validation share of the split leakage is checked against (class folders "
+                   "without val/).")
+@click.option("--seed", default=0, show_default=True, type=int, help="As in train-head: the seed of that split.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.pass_context
+def lint(ctx, data, backbone, weights, cache, as_json, html_path, fail_on, val_fraction, seed, device):
+    """Check the photos of DATA from their cached embeddings: exact and near duplicates (loudly when they
+    straddle the train/validation split -- leakage -- or carry two labels -- conflict), likely label
+    errors, outliers, class imbalance, tiny or upscaled images, unreadable files.
+
+    \b
+    Exit status: 0 when no --fail-on check found anything (other findings are reported only);
+    1 with one line `lint failed: ...` on stderr when one did; 1 with the usual one-line
+    `Error: ...` when DATA, the backbone or the cache cannot be used.
+    """
+    from edgetl.quality import lint as lint_mod
+
+    checks = lint_mod.parse_fail_on(fail_on)
+    r = lint_mod.lint(data, _backbone_file(backbone, weights), cache, checks, val_fraction, seed, device, log=say)
+    if html_path:
+        lint_mod.write_html(r, html_path)
+        say(f"wrote {html_path}")
+    click.echo(lint_mod.to_json(r) if as_json else lint_mod.text(r))
+    say(lint_mod.summary(r))
+    if r["failed"]:
+        click.echo("lint failed: " + ", ".join(f"{c} ({r['counts'][c]})" for c in r["failed"])
+                   + f" (--fail-on {','.join(checks)})", err=True)
+        ctx.exit(1)
+    flags = (f" --backbone {q(backbone)}" if backbone != DEFAULT_BACKBONE else "") + \
+        (f" --cache {q(cache)}" if cache != DEFAULT_CACHE else "")
+    found = any(r["counts"].values())
+    click.echo(f"next: edgetl lint {q(data)}{flags} --html lint.html" if found and not html_path
+               else f"next: edgetl train-head {q(data)}{flags}", err=True)
 
 
 if __name__ == "__main__":

@@ -326,9 +326,12 @@ def _stop_on_signals():
 
 def run(model, camera: int | None = None, source: str | None = None, headless: bool = False,
         save: str | None = None, threshold: float = 0.0, smooth: int = 1, top_k: int = 3,
-        max_frames: int | None = None, out=None, log=lambda line: None) -> RunSummary:
+        max_frames: int | None = None, out=None, log=lambda line: None, collect=None) -> RunSummary:
     """The live loop. Returns a summary; Ctrl-C, SIGTERM and SIGHUP end it cleanly (a saved video is
-    finalised: written under a temporary name, renamed when the loop ends)."""
+    finalised: written under a temporary name, renamed when the loop ends).
+
+    `collect`: an object whose `offer(frame, probabilities, label)` sees every frame (a
+    deploy.collect.Collector keeps the unsure ones); its `start(source, timed)` is called first."""
     cv2 = _cv2()
     out = out or sys.stdout
     kind, target, latest_only = resolve_source(camera, source)  # the source first: its errors come first
@@ -350,6 +353,8 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
     n, ended, code, t_begin = 0, "end of source", 0, time.perf_counter()
     fps_window: collections.deque = collections.deque(maxlen=30)
     infer = model.frame_runner()
+    if collect is not None:
+        collect.start(f"camera {camera}" if camera is not None else str(source), timed=kind != "files")
     cap.start()
     try:
         with _stop_on_signals():
@@ -363,6 +368,8 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
                     probs = smoother(infer(frame.rgb_input))
                     infer_ms = (time.perf_counter() - t0) * 1e3
                     label, prob, top = decide(probs, model.classes, threshold, top_k)
+                    if collect is not None:
+                        collect.offer(frame, probs, label)
                     n += 1
                     fps_window.append(time.perf_counter())
                     fps = (len(fps_window) - 1) / (fps_window[-1] - fps_window[0]) if len(fps_window) > 1 else 0.0

@@ -351,10 +351,11 @@ def select_split(model: Model, data: str | os.PathLike, split: str = "auto") -> 
     return Selection(items, want, note, trained_on)
 
 
-def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_size: int = 32):
+def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_size: int = 32, rows: list | None = None):
     """Accuracy, per-class metrics and confusion matrix of `model` on a labelled folder.
 
     split: as `select_split`. Returns (metrics dict, skipped [(path, reason)], Selection). Torch-free.
+    `rows`, when given, receives (path, true class index, probabilities) for every scored photo.
     """
     from edgetl.data.pipeline import image_batches
     from edgetl.quality.report import metrics
@@ -365,8 +366,11 @@ def evaluate(model: Model, data: str | os.PathLike, split: str = "auto", batch_s
     for paths, batch, errors in image_batches([it.path for it in sel.items], model.spec, batch_size):
         skipped += errors
         if batch is not None:
-            y_pred += model.probabilities(batch).argmax(1).tolist()
+            probs = model.probabilities(batch)
+            y_pred += probs.argmax(1).tolist()
             y_true += [label_of[p] for p in paths]
+            if rows is not None:
+                rows += [(p, label_of[p], row) for p, row in zip(paths, probs)]
     return metrics(y_true, y_pred, model.classes), skipped, sel
 
 
