@@ -45,8 +45,9 @@ def main():
                 sec = time.perf_counter() - t
                 m = s["metrics"]
                 rows.append((data.name, name, aug, m["accuracy"], m["correct"], m["n"], sec, s["regime"]))
+                picked = f" (auto picked: {s['search']['chosen']})" if s.get("search") else ""
                 print(f"| {data.name} | {name} | {aug} | {m['accuracy']:.4f} ({m['correct']}/{m['n']}) | {sec:.0f} s | "
-                      f"{s['regime']} |", flush=True)
+                      f"{s['regime']}{picked} |", flush=True)
 
 
 if __name__ == "__main__":
