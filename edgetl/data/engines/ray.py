@@ -128,8 +128,6 @@ def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engi
         raise EdgetlError(f"--gpus-per-worker {gpw:g}: the Ray cluster has {gpus:g} GPUs")
     workers = engine.workers or max(1, int(gpus // gpw) if gpw else int(cpus))
     cpus_per_worker = max(1, int(cpus // workers)) if gpw else 1  # a GPU worker decodes with its share of CPUs
-    if cpus_per_worker > cpus:
-        raise EdgetlError(f"the Ray cluster has {cpus:g} CPUs")
     worker_device = "cuda" if gpw else "cpu"
     batch_size = batch_size or (256 if gpw else 32)
     stages: dict = {}
@@ -143,6 +141,7 @@ def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engi
         blocks = [pa.table({"i": pa.array([w[0] for w in work[s:s + per_block]], pa.int64()),
                             "path": pa.array([str(w[1]) for w in work[s:s + per_block]], pa.string())})
                   for s in range(0, len(work), per_block)]
+        workers = min(workers, len(blocks))  # a block is one task: no more workers than blocks
         model = ray.put(Path(backbone).read_bytes())
         known_keys = ray.put(np.sort(np.array(sorted(known), dtype="S32")) if known else np.zeros(0, "S32"))
         out = ray.data.from_arrow(blocks).map_batches(
