@@ -95,11 +95,12 @@ def embed_encoded(sess, spec: Spec, blobs, names, view: str = "center", known=()
             arrays.append(arr)
             new.append(i)
     errors.sort()
-    emb = infer(sess, np.stack(arrays)) if arrays else np.zeros((0, _out_dim(sess)), np.float32)
+    emb = infer(sess, np.stack(arrays)) if arrays else np.zeros((0, output_dim(sess)), np.float32)
     return Embedded(keys, emb, new, errors)
 
 
-def _out_dim(sess) -> int:
+def output_dim(sess) -> int:
+    """The size of one flattened output row of a session (0 when its shape is not static)."""
     dims = sess.get_outputs()[0].shape[1:]
     return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else 0
 

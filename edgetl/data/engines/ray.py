@@ -43,6 +43,7 @@ import numpy as np
 from edgetl.data.sources import EXTRA
 from edgetl.errors import EdgetlError
 
+NEW, KNOWN, ERROR = 0, 1, 2  # what a worker did with a row: embedded it; cached or a repeat; could not read it
 SHARD_ROWS = 1024  # the driver writes a shard at least this often (rows) …
 SHARD_SECONDS = 2.0  # … or this often (seconds), whichever comes first: a killed driver loses little
 MAX_BLOCKS = 20_000  # listing rows per block: one batch, unless that would make more blocks than this
@@ -145,7 +146,7 @@ def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engi
         model = ray.put(Path(backbone).read_bytes())
         known_keys = ray.put(np.sort(np.array(sorted(known), dtype="S32")) if known else np.zeros(0, "S32"))
         out = ray.data.from_arrow(blocks).map_batches(
-            Embedder, batch_size=batch_size, batch_format="numpy",
+            Embedder, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
             fn_constructor_kwargs={"model": [model], "known": [known_keys], "spec": spec, "view": view,
                                    "source": src.config(), "device": worker_device, "threads": cpus_per_worker,
                                    "version": edgetl.__version__},
@@ -153,23 +154,32 @@ def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engi
         item = {w[0]: w for w in work}
         writer = _Writer(ns, index, known)
         stages["connect"] = round(time.perf_counter() - t0, 3)  # Ray up, listing packed
+        busy, first_rows = 0.0, 0  # the driver's own work on results: what caps the images per second it can take
         try:
-            for table in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                cols = {name: table.column(name).to_pylist() for name in ("i", "key", "emb", "error", "provider")}
-                for i, key, emb, err, prov in zip(*cols.values()):
-                    provider = prov or provider
-                    if err:
-                        skipped.append((i, err))
+            for b in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                t_batch = time.perf_counter()
+                if "first result" not in stages:  # cluster, workers up, first batch done
+                    stages["first result"], first_rows = round(t_batch - t0, 3), len(b["i"])
+                provider = str(b["provider"][0]) if len(b["provider"]) else provider
+                emb = b["emb"]
+                for j, (i, state, key) in enumerate(zip(b["i"].tolist(), b["state"].tolist(), b["key"])):
+                    if state == ERROR:
+                        skipped.append((i, str(b["error"][j])))
+                        continue
+                    keys[i] = key = key.tobytes()
+                    if state == NEW and writer.add(key, emb[j], item[i]):
+                        new += 1
                     else:
-                        keys[i] = key
-                        if emb and writer.add(key, np.frombuffer(emb, np.float32), item[i]):
-                            new += 1
-                        else:
-                            writer.remember(key, item[i])
-                            reused += 1
-                    bar.update(1)
+                        writer.remember(key, item[i])
+                        reused += 1
+                bar.update(len(b["i"]))
                 writer.maybe_flush()
+                busy += time.perf_counter() - t_batch
+            t_batch = time.perf_counter()
             writer.flush()
+            stages["driver"] = round(busy + time.perf_counter() - t_batch, 3)
+            if "first result" in stages and len(work) > first_rows:  # images per second once the workers are up
+                stages["steady img/s"] = round((len(work) - first_rows) / max(t_batch - t0 - stages["first result"], 1e-9), 1)
         except EdgetlError:
             raise
         except Exception as e:  # noqa: BLE001 - a worker's error arrives wrapped by Ray: one line
@@ -253,8 +263,8 @@ class _Known:
 
 
 class Embedder:
-    """A Ray worker: one onnxruntime session, fed batches of (item, path) rows; returns per row the
-    content key, the float32 embedding (raw bytes; empty when cached or a repeat) or why it failed."""
+    """A Ray worker: one onnxruntime session, fed batches of (item, path) rows; returns per row its
+    state (NEW, KNOWN, ERROR), content key, float32 embedding (zeros unless NEW) and error line."""
 
     def __init__(self, model, known, spec, view: str, source: dict, device: str, threads: int, version: str):
         import concurrent.futures as cf
@@ -262,6 +272,7 @@ class Embedder:
         import ray
 
         import edgetl
+        from edgetl.data.embed import output_dim
         from edgetl.data.sources import from_config
         from edgetl.deploy.runtime import session
 
@@ -274,13 +285,12 @@ class Embedder:
             raise EdgetlError(f"a Ray worker on {os.uname().nodename} has a GPU but onnxruntime cannot use it "
                               "(install onnxruntime-gpu there)")
         self.known = _Known(ray.get(known[0]))
+        self.dim = output_dim(self.sess)
         self.spec, self.view = spec, view
         self.source = from_config(source)
         self.pool = cf.ThreadPoolExecutor(max(2, threads), thread_name_prefix="edgetl-decode")
 
-    def __call__(self, batch: dict):
-        import pyarrow as pa
-
+    def __call__(self, batch: dict) -> dict:
         from edgetl.data.embed import embed_encoded
         from edgetl.data.preprocess import read_regular
 
@@ -290,17 +300,20 @@ class Embedder:
         else:
             blobs = list(self.pool.map(_read_or_error(read_regular), paths))
         r = embed_encoded(self.sess, self.spec, blobs, paths, self.view, self.known, self.pool)
-        emb: list[bytes] = [b""] * len(paths)
-        for row, j in enumerate(r.new):
-            emb[j] = np.ascontiguousarray(r.emb[row], np.float32).tobytes()
-        errors = [""] * len(paths)
+        n = len(paths)
+        state = np.full(n, KNOWN, np.int8)
+        state[r.new] = NEW
+        emb = np.zeros((n, r.emb.shape[1] if r.new else self.dim), np.float32)
+        emb[r.new] = r.emb
+        errors = np.array([""] * n, dtype=object)
         for j, reason in r.errors:
-            errors[j] = reason
-        return pa.table({"i": pa.array(batch["i"], pa.int64()),
-                         "key": pa.array([k or b"" for k in r.keys], pa.binary()),
-                         "emb": pa.array(emb, pa.binary()),
-                         "error": pa.array(errors, pa.string()),
-                         "provider": pa.array([self.provider] * len(paths), pa.string())})
+            state[j], errors[j] = ERROR, reason
+        keys = np.zeros((n, 32), np.uint8)
+        for j, k in enumerate(r.keys):
+            if k is not None:
+                keys[j] = np.frombuffer(k, np.uint8)
+        return {"i": np.asarray(batch["i"], np.int64), "state": state, "key": keys, "emb": emb, "error": errors,
+                "provider": np.array([self.provider] * n, dtype=object)}
 
 
 def _read_or_error(read):
