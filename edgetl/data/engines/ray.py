@@ -112,7 +112,6 @@ def _connect(ray, engine) -> bool:
 
 
 def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engine, device, bar, t0) -> Run:
-    import pyarrow as pa
     from ray.data import ActorPoolStrategy, DataContext
 
     import edgetl
@@ -139,13 +138,13 @@ def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engi
     if work:
         src = ds.source or LOCAL
         per_block = batch_size * max(1, math.ceil(len(work) / batch_size / MAX_BLOCKS))
-        blocks = [pa.table({"i": pa.array([w[0] for w in work[s:s + per_block]], pa.int64()),
-                            "path": pa.array([str(w[1]) for w in work[s:s + per_block]], pa.string())})
-                  for s in range(0, len(work), per_block)]
-        workers = min(workers, len(blocks))  # a block is one task: no more workers than blocks
+        n_blocks = math.ceil(len(work) / per_block)
+        workers = min(workers, n_blocks)  # a block is one task: no more workers than blocks
         model = ray.put(Path(backbone).read_bytes())
         known_keys = ray.put(np.sort(np.array(sorted(known), dtype="S32")) if known else np.zeros(0, "S32"))
-        out = ray.data.from_arrow(blocks).map_batches(
+        # from_items builds its blocks here (from_arrow runs a task per block, which waits for a free CPU)
+        rows = ray.data.from_items([{"i": w[0], "path": str(w[1])} for w in work], override_num_blocks=n_blocks)
+        out = rows.map_batches(
             Embedder, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
             fn_constructor_kwargs={"model": [model], "known": [known_keys], "spec": spec, "view": view,
                                    "source": src.config(), "device": worker_device, "threads": cpus_per_worker,
