@@ -99,7 +99,7 @@ def main() -> None:
     print(f"Per node: {steady:.0f} img/s once the workers are up ({first:.1f} s to the first result). The driver "
           f"spends {per_image_driver * 1e3:.3f} ms per image, so one driver takes up to ~{driver_cap:,.0f} img/s.")
     print("Scaling estimate (N nodes like this one, photos in S3 read in parallel by every node): "
-          + ", ".join(f"{k} nodes ~{min(k * steady, driver_cap):,.0f} img/s" for k in (1, 4, 16, 64))
+          + ", ".join(f"{k} node{'s' if k > 1 else ''} ~{min(k * steady, driver_cap):,.0f} img/s" for k in (1, 4, 16, 64))
           + f"; the driver's ceiling is reached near {driver_cap / steady:.0f} nodes.")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
