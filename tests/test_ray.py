@@ -305,3 +305,14 @@ def test_cli_embed_and_train_head_from_s3_on_ray(tmp_path, make_dataset, tiny_on
     r = CliRunner().invoke(main, ["train-head", uri, *common, "-o", str(out), "--epochs", "5"])
     assert r.exit_code == 0, r.output
     assert (out / "model.onnx").is_file() and "wrote" in r.output
+
+
+def test_a_worker_that_cannot_start_is_one_line(tmp_path, make_dataset, tiny_onnx, ray_cluster, monkeypatch):
+    data = make_dataset({"a": 3})
+    real = edgetl.__version__
+    monkeypatch.setattr(edgetl, "__version__", "0.0.0-elsewhere")  # the workers import the real one
+    r = CliRunner().invoke(main, ["embed", str(data), "--backbone", str(tiny_onnx), "--cache", str(tmp_path / "c"),
+                                  "--engine", "ray"])
+    assert r.exit_code == 1  # (Ray's own log lines from its processes may come around it)
+    assert (f"Error: a Ray worker runs edgetl {real}, the driver 0.0.0-elsewhere: install the same version on the "
+            "cluster") in r.output.splitlines()

@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engi
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its failures reach the caller as one line
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     gpw = float(engine.gpus_per_worker or 0)
@@ -243,7 +244,11 @@ def _unwrap(e: BaseException) -> EdgetlError:
             return cur
         inner = getattr(cur, "cause", None)
         cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
-    text = " ".join(str(e).split())
+    # an actor that failed to start carries its error only as text (ActorDiedError keeps no cause)
+    found = re.findall(r"^edgetl\.errors\.\w+: (.+)$", str(e), re.MULTILINE)
+    if found:
+        return EdgetlError(found[-1].strip())
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
     return EdgetlError(f"the Ray run failed: {type(e).__name__}: {text[:300]}")
 
 
