@@ -175,7 +175,21 @@ class S3Source:
         if tree.empty():
             raise DataError(f"not a folder: {self._where(root)} (nothing under it)")
         _REGISTERED[bucket] = self
-        return _Lister(self, root).dataset(tree)
+        return _Lister(self, root, self._sniff(root, tree)).dataset(tree)
+
+    def _sniff(self, root: str, tree: "_Node") -> set[str]:
+        """The objects named unlike an image whose first bytes are an image's (one concurrent request
+        each, all at once), as `scan` looks inside every file."""
+        uris = [uri for uri, info in tree.walk(root) if PurePosixPath(uri).suffix.lower() not in IMAGE_SUFFIXES
+                and int(info.get("size") or 0) > 0]
+        if not uris:
+            return set()
+        keys = [u[len("s3://"):] for u in uris]
+        try:
+            heads = self.fs.cat_ranges(keys, [0] * len(keys), [16] * len(keys), on_error="return")
+        except Exception:  # noqa: BLE001 - unreadable: not images as far as listing goes
+            return set()
+        return {u for u, h in zip(uris, heads) if isinstance(h, (bytes, bytearray)) and image_signature(bytes(h))}
 
     def stat(self, uri: str) -> ObjectStat | None:
         return self._stats.get(uri)
@@ -208,11 +222,6 @@ class S3Source:
                 out.append(ImageError(f"{u}: {_reason(v) if isinstance(v, BaseException) else 'not read'}"))
         return out
 
-    def head(self, uri: str, n: int = 16) -> bytes:
-        try:
-            return self.fs.cat_file(uri[len("s3://"):], start=0, end=n)
-        except Exception:  # noqa: BLE001 - unreadable: not an image as far as listing goes
-            return b""
 
 
 def from_config(cfg: dict):
@@ -236,8 +245,9 @@ def read_uri(uri: str, name: str | None = None) -> bytes:
 
 
 def _reason(e) -> str:
-    if isinstance(e, FileNotFoundError):
-        return "no such object or bucket" if not str(e) or "/" in str(e) else " ".join(str(e).split())
+    if isinstance(e, FileNotFoundError):  # s3fs says why for a bucket, and only the key for an object
+        text = " ".join(str(e).split())
+        return text if text and "/" not in text else "no such object"
     if isinstance(e, PermissionError):
         return "access denied"
     text = " ".join(str(e).split())[:200]
@@ -274,6 +284,14 @@ class _Node:
     def empty(self) -> bool:
         return not self.dirs and not self.files
 
+    def walk(self, at: str):
+        """(uri, info) of every object below, hidden and ignored names left out."""
+        for name, is_dir in self.entries():
+            if is_dir:
+                yield from self.dirs[name].walk(f"{at}/{name}")
+            else:
+                yield f"{at}/{name}", self.files[name]
+
     def entries(self) -> list[tuple[str, bool]]:
         """(name, is a folder), by name, hidden and ignored names left out, as `scan` lists a folder."""
         names = [(n, True) for n in self.dirs] + [(n, False) for n in self.files]
@@ -284,11 +302,12 @@ class _Node:
 class _Lister:
     """`scan.scan`'s layout rules over a listing (no links, special files or hard links in a bucket)."""
 
-    def __init__(self, src: S3Source, root: str):
-        self.src, self.root, self.notes = src, root, []
+    def __init__(self, src: S3Source, root: str, sniffed: set[str]):
+        self.src, self.root, self.sniffed, self.notes = src, root, sniffed, []
 
     def looks_like_image(self, uri: str) -> bool:
-        return PurePosixPath(uri).suffix.lower() in IMAGE_SUFFIXES or image_signature(self.src.head(uri))
+        """By name's extension (any case), else by content (`scan.looks_like_image`'s rule)."""
+        return PurePosixPath(uri).suffix.lower() in IMAGE_SUFFIXES or uri in self.sniffed
 
     def images(self, node: _Node, at: str, recursive: bool) -> tuple[list[str], bool]:
         out, passed = [], False
