@@ -287,7 +287,7 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
             work.append((i, path, st, name))
     if engine.name == "ray":
         try:
-            run = ray_engine.run(ds, work, backbone, spec, ns, index, known, view, batch_size, engine, device, bar)
+            run = ray_engine.run(ds, work, backbone, spec, ns, index, known, view, batch_size, engine, bar)
         finally:
             bar.close()
             index.close()

@@ -80,14 +80,16 @@ class Run:
 
 
 def run(ds, work, backbone, spec, ns, index, known: set[bytes], view: str, batch_size: int | None, engine,
-        device: str, bar) -> Run:
+        bar) -> Run:
     """Embed `work` ((item index, path, stat, index name) of `ds`, not known to the index) on Ray and
     write the results into namespace `ns`. Called by `embed_folder`."""
     ray = _ray()
+    if not work:  # everything known already: no cluster needed
+        return Run({}, 0, 0, [], "nothing to embed on Ray", {})
     t0 = time.perf_counter()
     started = _connect(ray, engine)
     try:
-        return _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engine, device, bar, t0)
+        return _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engine, bar, t0)
     finally:
         if started:
             ray.shutdown()
@@ -112,7 +114,7 @@ def _connect(ray, engine) -> bool:
     return True
 
 
-def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engine, device, bar, t0) -> Run:
+def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engine, bar, t0) -> Run:
     from ray.data import ActorPoolStrategy, DataContext
 
     import edgetl
@@ -136,56 +138,55 @@ def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engi
     skipped: list[tuple[int, str]] = []
     new = reused = 0
     provider = "CUDAExecutionProvider" if gpw else "CPUExecutionProvider"
-    if work:
-        src = ds.source or LOCAL
-        per_block = batch_size * max(1, math.ceil(len(work) / batch_size / MAX_BLOCKS))
-        n_blocks = math.ceil(len(work) / per_block)
-        workers = min(workers, n_blocks)  # a block is one task: no more workers than blocks
-        model = ray.put(Path(backbone).read_bytes())
-        known_keys = ray.put(np.sort(np.array(sorted(known), dtype="S32")) if known else np.zeros(0, "S32"))
-        # from_items builds its blocks here (from_arrow runs a task per block, which waits for a free CPU)
-        rows = ray.data.from_items([{"i": w[0], "path": str(w[1])} for w in work], override_num_blocks=n_blocks)
-        out = rows.map_batches(
-            Embedder, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
-            fn_constructor_kwargs={"model": [model], "known": [known_keys], "spec": spec, "view": view,
-                                   "source": src.config(), "device": worker_device, "threads": cpus_per_worker,
-                                   "version": edgetl.__version__},
-            compute=ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, num_gpus=gpw or None)
-        item = {w[0]: w for w in work}
-        writer = _Writer(ns, index, known)
-        stages["connect"] = round(time.perf_counter() - t0, 3)  # Ray up, listing packed
-        busy, first_rows = 0.0, 0  # the driver's own work on results: what caps the images per second it can take
-        try:
-            for b in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                t_batch = time.perf_counter()
-                if "first result" not in stages:  # cluster, workers up, first batch done
-                    stages["first result"], first_rows = round(t_batch - t0, 3), len(b["i"])
-                provider = str(b["provider"][0]) if len(b["provider"]) else provider
-                emb = b["emb"]
-                for j, (i, state, key) in enumerate(zip(b["i"].tolist(), b["state"].tolist(), b["key"])):
-                    if state == ERROR:
-                        skipped.append((i, str(b["error"][j])))
-                        continue
-                    keys[i] = key = key.tobytes()
-                    if state == NEW and writer.add(key, emb[j], item[i]):
-                        new += 1
-                    else:
-                        writer.remember(key, item[i])
-                        reused += 1
-                bar.update(len(b["i"]))
-                writer.maybe_flush()
-                busy += time.perf_counter() - t_batch
+    src = ds.source or LOCAL
+    per_block = batch_size * max(1, math.ceil(len(work) / batch_size / MAX_BLOCKS))
+    n_blocks = math.ceil(len(work) / per_block)
+    workers = min(workers, n_blocks)  # a block is one task: no more workers than blocks
+    model = ray.put(Path(backbone).read_bytes())
+    known_keys = ray.put(np.sort(np.array(list(known), dtype="S32")) if known else np.zeros(0, "S32"))
+    # from_items builds its blocks here (from_arrow runs a task per block, which waits for a free CPU)
+    rows = ray.data.from_items([{"i": w[0], "path": str(w[1])} for w in work], override_num_blocks=n_blocks)
+    out = rows.map_batches(
+        Embedder, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
+        fn_constructor_kwargs={"model": [model], "known": [known_keys], "spec": spec, "view": view,
+                               "source": src.config(), "device": worker_device, "threads": cpus_per_worker,
+                               "version": edgetl.__version__},
+        compute=ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, num_gpus=gpw or None)
+    item = {w[0]: w for w in work}
+    writer = _Writer(ns, index, known)
+    stages["connect"] = round(time.perf_counter() - t0, 3)  # Ray up, listing packed
+    busy, first_rows = 0.0, 0  # the driver's own work on results: what caps the images per second it can take
+    try:
+        for b in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             t_batch = time.perf_counter()
-            writer.flush()
-            stages["driver"] = round(busy + time.perf_counter() - t_batch, 3)
-            if "first result" in stages and len(work) > first_rows:  # images per second once the workers are up
-                stages["steady img/s"] = round((len(work) - first_rows) / max(t_batch - t0 - stages["first result"], 1e-9), 1)
-        except EdgetlError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a worker's error arrives wrapped by Ray: one line
-            raise _unwrap(e) from None
-        finally:
-            writer.flush()
+            if "first result" not in stages:  # cluster, workers up, first batch done
+                stages["first result"], first_rows = round(t_batch - t0, 3), len(b["i"])
+            provider = str(b["provider"][0]) if len(b["provider"]) else provider
+            emb = b["emb"]
+            for j, (i, state, key) in enumerate(zip(b["i"].tolist(), b["state"].tolist(), b["key"])):
+                if state == ERROR:
+                    skipped.append((i, str(b["error"][j])))
+                    continue
+                keys[i] = key = key.tobytes()
+                if state == NEW and writer.add(key, emb[j], item[i]):
+                    new += 1
+                else:
+                    writer.remember(key, item[i])
+                    reused += 1
+            bar.update(len(b["i"]))
+            writer.maybe_flush()
+            busy += time.perf_counter() - t_batch
+        t_batch = time.perf_counter()
+        writer.flush()
+        stages["driver"] = round(busy + time.perf_counter() - t_batch, 3)
+        if "first result" in stages and len(work) > first_rows:  # images per second once the workers are up
+            stages["steady img/s"] = round((len(work) - first_rows) / max(t_batch - t0 - stages["first result"], 1e-9), 1)
+    except EdgetlError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a worker's error arrives wrapped by Ray: one line
+        raise _unwrap(e) from None
+    finally:
+        writer.flush()
     skipped.sort()
     items = ds.items
     return Run(keys, new, reused, [(items[i].path, r) for i, r in skipped],
