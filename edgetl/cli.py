@@ -180,8 +180,62 @@ def _backbone_file(value: str, weights: str | None) -> str:
     return str(backbones.exported(value, weights, log=say))
 
 
+class DataPath(click.Path):
+    """DATA: a local photo folder (it must exist), or s3://bucket/prefix (taken as it is)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("s3://"):
+            return value
+        return super().convert(value, param, ctx)
+
+
+DATA = DataPath(exists=True, file_okay=False)
+
+
+def engine_options(f):
+    """--engine, --address, --workers, --gpus-per-worker, --endpoint-url (embed and train-head)."""
+    options = [
+        click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+                     help="Where photos are embedded: in this process, or on a Ray cluster (needs the ray extra)."),
+        click.option("--address", help="--engine ray: the cluster, auto (one running on this machine) or "
+                                       "ray://HOST:10001 [default: a new local one for this run]."),
+        click.option("--workers", type=click.IntRange(1), help="--engine ray: workers, each with one onnxruntime "
+                                                                "session [default: one per CPU, or per GPU share]."),
+        click.option("--gpus-per-worker", default=0.0, type=click.FloatRange(0), help="--engine ray: GPUs per worker "
+                     "(0.5: two share one); above 0 onnxruntime runs on CUDA in the workers [default: 0, CPU]."),
+        click.option("--endpoint-url", help="An S3-compatible store for s3:// DATA (MinIO, Ceph…) "
+                                            "[default: $AWS_ENDPOINT_URL, else AWS]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _engine(data, device, engine, address, workers, gpus_per_worker, endpoint_url):
+    """The engine options as a data.engines.Engine, checked before any work (usage errors for Ray
+    options without --engine ray; one line naming the extra when Ray or the S3 client is missing)."""
+    from edgetl.data import sources
+    from edgetl.data.engines import Engine
+
+    if engine != "ray":
+        given = [n for n, v in (("--address", address), ("--workers", workers),
+                                ("--gpus-per-worker", gpus_per_worker)) if v]
+        if given:
+            raise click.UsageError(f"{given[0]} needs --engine ray")
+    if endpoint_url and not sources.is_remote(data):
+        raise click.UsageError("--endpoint-url is for s3:// DATA")
+    eng = Engine(engine, address, workers, gpus_per_worker, endpoint_url)
+    if engine == "ray":
+        from edgetl.data.engines import ray
+
+        ray.check(eng, device)
+    if sources.is_remote(data):
+        sources.s3fs_module()
+    return eng
+
+
 @main.command(short_help="Embed every photo of a folder into the cache.")
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=DATA)
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
 @click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
 @click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
@@ -191,13 +245,17 @@ def _backbone_file(value: str, weights: str | None) -> str:
                                                                  "CUDA, 32 on the CPU].")
 @click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
               help="Where photos are decoded: gpu (nvJPEG via torchvision) needs --device cuda; auto uses it there.")
-def embed(data, backbone, weights, cache, device, batch_size, decode):
-    """Compute and cache the embedding of every image under DATA: incremental (only new photos are
-    embedded), resumable after a crash, unreadable images skipped and listed."""
+@engine_options
+def embed(data, backbone, weights, cache, device, batch_size, decode, engine, address, workers, gpus_per_worker,
+          endpoint_url):
+    """Compute and cache the embedding of every image under DATA (a folder or s3://bucket/prefix):
+    incremental (only new photos are embedded), resumable after a crash, unreadable images skipped and
+    listed; here or on a Ray cluster (--engine ray)."""
     from edgetl.data.embed import embed_folder
 
+    eng = _engine(data, device, engine, address, workers, gpus_per_worker, endpoint_url)
     path = _backbone_file(backbone, weights)
-    r = embed_folder(data, path, cache, device=device, batch_size=batch_size, decode=decode)
+    r = embed_folder(data, path, cache, device=device, batch_size=batch_size, decode=decode, engine=eng)
     report_embed(r)
     click.echo(f"next: edgetl train-head {q(data)}" + (f" --backbone {q(backbone)}" if backbone != DEFAULT_BACKBONE else "")
                + (f" --cache {q(cache)}" if cache != DEFAULT_CACHE else ""))
@@ -216,7 +274,7 @@ def report_embed(r) -> None:
 
 
 @main.command("train-head", short_help="Train a head on a photo folder; write one verified model.onnx.")
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=DATA)
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
 @click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
 @click.option("--cache", default=DEFAULT_CACHE, show_default=True, type=click.Path(file_okay=False),
@@ -255,9 +313,10 @@ def report_embed(r) -> None:
 @click.option("--train-bn", is_flag=True, help="Also update BatchNorm statistics of the trained blocks.")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx for CPUs, through the gate of `edgetl quantize` "
                                            "(only when measured no worse and faster on the validation photos).")
+@engine_options
 def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout, epochs, patience, lr, weight_decay,
                    label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, budget, augment,
-                   train_bn, int8):
+                   train_bn, int8, engine, address, workers, gpus_per_worker, endpoint_url):
     """Embed DATA (only new photos), train a head on the cached embeddings, and fuse backbone and head
     into one model.onnx, verified against the chained pair on every validation photo. Also writes
     metrics.json, MODEL_CARD.md, confusion.png, curves.png (and split.json when it made the split)."""
@@ -274,10 +333,13 @@ def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout
     cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
                      label_smoothing=label_smoothing, balance="none" if no_class_weights else balance,
                      max_epochs=epochs, patience=patience, seed=seed)
+    eng = _engine(data, device, engine, address, workers, gpus_per_worker, endpoint_url)
+    if int8 and str(data).startswith("s3://"):
+        raise click.UsageError("--int8 reads a local photo folder: run `edgetl quantize MODEL --data FOLDER` on a copy")
     path = _backbone_file(backbone, weights)
     s = train_head(data, path, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
                    unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, int8=int8,
-                   budget_min=budget, log=say)
+                   budget_min=budget, log=say, engine=eng)
     m = s["metrics"]
     model = s["out"] / "model.onnx"
     click.echo(f"wrote {model} ({s['regime']}): {len(m['classes'])} classes, "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install edgetl for training and tests into it. Idempotent: when nothing
-# changed since the last run it only checks that everything imports (about a second).
+# Create .venv (if missing) and install edgetl for training, the Ray engine and tests into it. Idempotent: when
+# nothing changed since the last run it only checks that everything imports (a few seconds).
 #
 #   EDGETL_TORCH=pinned  (default) TORCH_SPEC from PyPI, default "torch==2.14.1 torchvision==0.29.1"
 #                        (a CUDA build on Linux x86_64: about 5.5 GB with its NVIDIA libraries)
@@ -20,7 +20,8 @@ pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 stamp=.venv/.edgetl-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $torch_mode $gpu $spec"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-   && .venv/bin/python -c "import edgetl, torch, torchvision, timm, onnx, onnxruntime, cv2, pytest" 2>/dev/null; then
+   && .venv/bin/python -c "import edgetl, torch, torchvision, timm, onnx, onnxruntime, cv2, pytest, ray.data, s3fs, moto" \
+      2>/dev/null; then
   exit 0
 fi
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
@@ -30,7 +31,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     *) "${pip[@]}" install $spec ;;
   esac
 fi
-"${pip[@]}" install -e ".[train,dev,lite]"
+"${pip[@]}" install -e ".[train,dev,lite,ray]"
 if [ "$gpu" = 1 ]; then  # the two onnxruntime packages share one folder: never keep both
   if "${pip[@]}" show onnxruntime >/dev/null 2>&1 || ! "${pip[@]}" show onnxruntime-gpu >/dev/null 2>&1; then
     "${pip[@]}" uninstall -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true

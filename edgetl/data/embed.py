@@ -1,7 +1,12 @@
 """Embedding image folders with onnxruntime: decoding overlapped with inference, results cached.
 
-`embed_batch` is the plain per-batch function (session, spec, images) → array, with no global state,
-for other engines to call. `embed_folder` is what `edgetl embed` runs.
+One preprocessing and one inference for every engine: `prepare` turns one image's encoded bytes into
+the pixels the backbone sees (any view), `infer` runs a batch of them. `embed_encoded` is the plain
+per-batch function built from the two ((session, spec, encoded images, names) → keys, float32
+embeddings, errors; no global state), which the Ray engine's workers call; the local engine runs the
+same two steps as a pipeline (threads read, hash and `prepare` while a background thread runs
+`infer` and writes the cache). `embed_batch` embeds paths, bytes or prepared arrays, for tests and
+scripts. `embed_folder` is what `edgetl embed` runs, with either engine.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from edgetl import contract as C
 from edgetl.data.cache import Namespace, image_key, open_for_backbone
 from edgetl.data.pipeline import prefetch_map
 from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image, read_regular, view_seed
-from edgetl.data.scan import Dataset, scan
+from edgetl.data.scan import Dataset
 from edgetl.deploy.runtime import check_io, read_metadata, session
 from edgetl.errors import CacheError, ImageError, ModelError
 
@@ -30,7 +35,74 @@ def embed_batch(sess, spec: Spec, images) -> np.ndarray:
     Returns float32 [N, D]. Raises ImageError on the first image that cannot be decoded.
     """
     arrays = [im if isinstance(im, np.ndarray) else load_image(im, spec) for im in images]
-    return sess.run([C.EMBEDDING], {C.IMAGE: np.stack(arrays)})[0]
+    return infer(sess, np.stack(arrays))
+
+
+def infer(sess, batch: np.ndarray) -> np.ndarray:
+    """One onnxruntime call: uint8 [N,H,W,3] → float32 [N, D] (a trunk's activation maps flattened)."""
+    out = sess.run([sess.get_outputs()[0].name], {C.IMAGE: batch})[0]
+    return out.reshape(len(out), -1)
+
+
+def prepare(data: bytes, spec: Spec, view: str = "center", key: bytes | None = None, name: str = "image") -> np.ndarray:
+    """The pixels the backbone sees for one encoded image: uint8 RGB [H,W,3], the deployment crop
+    (`load_image`) or, for view "aug<i>", that view's seeded augmentation (seeded by the content
+    `key`). ImageError (one line, naming it) when it cannot be decoded."""
+    if view == "center":
+        return load_image(data, spec, name)
+    return augment_view(decode_bgr(data, spec.resize_size, name), spec, view_seed(key or image_key(data), view))
+
+
+@dataclasses.dataclass
+class Embedded:
+    """What `embed_encoded` made of a batch of encoded images (indices refer to its input)."""
+
+    keys: list[bytes | None]  # the content key of every input; None where it could not be read
+    emb: np.ndarray  # float32 [len(new), D]: row j is the embedding of input new[j]
+    new: list[int]  # inputs embedded now (not in `known`, not a repeat of an earlier input)
+    errors: list[tuple[int, str]]  # (input index, one-line reason): unreadable images, never embedded
+
+
+def embed_encoded(sess, spec: Spec, blobs, names, view: str = "center", known=(), pool=None) -> Embedded:
+    """The per-batch function of every engine: encoded images (bytes, or an ImageError raised while
+    reading them) → content keys, float32 embeddings of those not in `known`, and one line per
+    image that cannot be used. `pool` (an Executor) decodes in its threads; None decodes here."""
+    keys: list[bytes | None] = [None] * len(blobs)
+    errors: list[tuple[int, str]] = []
+    todo: list[int] = []
+    seen: set[bytes] = set()
+    for i, data in enumerate(blobs):
+        if isinstance(data, Exception):
+            errors.append((i, str(data)))
+            continue
+        keys[i] = k = image_key(data)
+        if k not in known and k not in seen:
+            seen.add(k)
+            todo.append(i)
+
+    def one(i):
+        try:
+            return prepare(blobs[i], spec, view, keys[i], str(names[i]))
+        except ImageError as e:
+            return e
+
+    arrays, new = [], []
+    for i, arr in zip(todo, pool.map(one, todo) if pool is not None else map(one, todo)):
+        if isinstance(arr, ImageError):
+            errors.append((i, str(arr)))
+            keys[i] = None
+        else:
+            arrays.append(arr)
+            new.append(i)
+    errors.sort()
+    emb = infer(sess, np.stack(arrays)) if arrays else np.zeros((0, output_dim(sess)), np.float32)
+    return Embedded(keys, emb, new, errors)
+
+
+def output_dim(sess) -> int:
+    """The size of one flattened output row of a session (0 when its shape is not static)."""
+    dims = sess.get_outputs()[0].shape[1:]
+    return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else 0
 
 
 def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | None = None, spin: bool = True):
@@ -87,27 +159,26 @@ class EmbedResult:
         return lines
 
 
-def _read(item: tuple[int, Path, object], spec: Spec, known: set[bytes], view: str, decode: bool, index):
-    """Worker: read, hash, and (only when not cached, and when `decode`) decode and resize. In a thread.
+def _read(item: tuple[int, Path, object, bytes], spec: Spec, known: set[bytes], view: str, decode: bool, index,
+          read=read_regular):
+    """Worker: read, hash, and (only when not cached, and when `decode`) `prepare`. In a thread.
 
     Returns (key, array or encoded bytes or None, error or None).
     """
-    _, path, st = item
+    _, path, st, index_name = item
     try:
-        data = read_regular(path)
+        data = read(path)
     except ImageError as e:
         return None, None, str(e)
     key = image_key(data)
     if index is not None and st is not None:
-        index.remember(os.fsencode(os.path.abspath(path)), st, key)
+        index.remember(index_name, st, key)
     if key in known:
         return key, None, None
     if not decode:
         return key, data, None
     try:
-        if view == "center":
-            return key, load_image(data, spec, str(path)), None
-        return key, augment_view(decode_bgr(data, spec.resize_size, str(path)), spec, view_seed(key, view)), None
+        return key, prepare(data, spec, view, key, str(path)), None
     except ImageError as e:
         return None, None, str(e)
 
@@ -157,9 +228,10 @@ def default_batch_size(provider: str) -> int:
 def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike, cache_root: str | os.PathLike,
                  device: str = "auto", batch_size: int | None = None, workers: int | None = None,
                  threads: int | None = None, progress: bool | None = None, spin: bool = False,
-                 view: str = "center", only=None, check_space: bool = False, decode: str = "auto") -> EmbedResult:
-    """Bring the cache up to date for every image under `data` (a folder, or a Dataset already
-    scanned); return per-item keys and counts.
+                 view: str = "center", only=None, check_space: bool = False, decode: str = "auto",
+                 engine=None) -> EmbedResult:
+    """Bring the cache up to date for every image under `data` (a folder, an s3://bucket/prefix, or a
+    Dataset already scanned); return per-item keys and counts.
 
     `backbone` is a backbone.onnx or a trunk.onnx (activation maps, cached as float16). `view` is
     "center" (the deployment crop) or "aug<i>" (a seeded random augmentation; its own namespace).
@@ -167,16 +239,25 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     with the numbers) when the entries could not fit the disk. `decode`: "cpu", "gpu" (nvJPEG, for the
     center view on CUDA) or "auto" (gpu when onnxruntime runs on CUDA and torchvision can decode
     there). `batch_size` None: 256 on CUDA, 32 on the CPU. Files unchanged since the cache last saw
-    them (path, size, time) are not read again. Memory stays flat: at most a few batches of decoded
-    images are in flight.
+    them (path, size, time; an object's ETag, size, time) are not read again. Memory stays flat: at
+    most a few batches of decoded images are in flight. `engine` (a data.engines.Engine) runs the
+    work on a Ray cluster instead of here (`workers` and `decode` then do not apply), and gives the
+    endpoint of an S3-compatible store.
     """
+    from edgetl.data import sources
+    from edgetl.data.engines import Engine
     from edgetl.data.index import FileIndex
 
+    engine = engine or Engine()
     t0 = time.perf_counter()
-    sess, spec, meta = open_backbone(backbone, device, threads, spin)
+    if engine.name == "ray":
+        from edgetl.data.engines import ray as ray_engine
+
+        ray_engine.check(engine, device)  # before any work: the extra, the options
+    sess, spec, meta = open_backbone(backbone, "cpu" if engine.name == "ray" else device, threads, spin)
     provider = sess.get_providers()[0]
-    batch_size = batch_size or default_batch_size(provider)
-    ds = data if isinstance(data, Dataset) else scan(data)
+    ds = data if isinstance(data, Dataset) else sources.scan(data, endpoint_url=engine.endpoint_url)
+    src = ds.source or sources.LOCAL
     ns = open_for_backbone(cache_root, meta, view, graph_sha256=meta["graph_sha256"])
     index = ns.index = FileIndex(cache_root)
     wanted = range(len(ds.items)) if only is None else sorted(only)
@@ -189,6 +270,35 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     keys: list[bytes | None] = [None] * len(ds.items)
     skipped: list[tuple[Path, str]] = []
     new = reused = 0
+    bar = _progress(len(wanted), progress)
+
+    # files the index knows unchanged, with a key the cache holds: nothing to read
+    work = []
+    for i in wanted:
+        path = ds.items[i].path
+        st = src.stat(path)
+        name = src.index_name(path) if st is not None else None
+        key = index.key_of(name, st) if index is not None and st is not None else None
+        if key is not None and key in known:
+            keys[i] = key
+            reused += 1
+            bar.update(1)
+        else:
+            work.append((i, path, st, name))
+    if engine.name == "ray":
+        try:
+            run = ray_engine.run(ds, work, backbone, spec, ns, index, known, view, batch_size, engine, bar)
+        finally:
+            bar.close()
+            index.close()
+        ns.compact()
+        for i, key in run.keys.items():
+            keys[i] = key
+        seconds = time.perf_counter() - t0
+        return EmbedResult(ds, keys, run.new, reused + run.reused, run.skipped, seconds, ns, run.provider,
+                           {**run.stages, "wall": round(seconds, 3)})
+
+    batch_size = batch_size or default_batch_size(provider)
     on_gpu = _gpu_decoder(decode, provider, view, spec)
     pending_idx: list[int] = []
     pending_keys: list[bytes] = []
@@ -196,7 +306,6 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     batch_seen: set[bytes] = set()
     stages = {"gpu decode": 0.0, "inference": 0.0}
     sink = _Sink(_runner(sess, on_gpu), ns, stages)
-    bar = _progress(len(wanted), progress)
 
     def flush():
         nonlocal pending_idx, pending_keys, pending, new
@@ -221,24 +330,10 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
         pending_idx, pending_keys, pending = [], [], []
         batch_seen.clear()
 
-    # files the index knows unchanged, with a key the cache holds: nothing to read
-    work = []
-    for i in wanted:
-        path = ds.items[i].path
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None
-        key = index.key_of(os.fsencode(os.path.abspath(path)), st) if index is not None and st is not None else None
-        if key is not None and key in known:
-            keys[i] = key
-            reused += 1
-            bar.update(1)
-        else:
-            work.append((i, path, st))
-    read = functools.partial(_read, spec=spec, known=known, view=view, decode=on_gpu is None, index=index)
+    read = functools.partial(_read, spec=spec, known=known, view=view, decode=on_gpu is None, index=index,
+                             read=src.read if src.remote else read_regular)
     try:
-        for (idx, path, _), (key, arr, err) in prefetch_map(read, work, workers, window=2 * batch_size):
+        for (idx, path, _, _), (key, arr, err) in prefetch_map(read, work, workers, window=2 * batch_size):
             if err:
                 skipped.append((path, err))
             elif arr is None or key in known or key in batch_seen:  # cached, or a duplicate photo
@@ -285,12 +380,11 @@ def _gpu_decoder(decode: str, provider: str, view: str, spec: Spec):
 
 def _runner(sess, on_gpu):
     """batch → float32 embeddings: bound to torch's CUDA tensors when decoding on the GPU."""
-    out_name = sess.get_outputs()[0].name
     if on_gpu is not None:
         from edgetl.data.gpu import BoundRunner
 
         return BoundRunner(sess)
-    return lambda batch: sess.run([out_name], {C.IMAGE: batch})[0]
+    return functools.partial(infer, sess)
 
 
 class _NoBar:

@@ -276,9 +276,16 @@ def load_image(source: str | os.PathLike | bytes, spec: Spec, name: str | None =
 
 
 def read_regular(path: str | os.PathLike, name: str | None = None) -> bytes:
-    """The bytes of a regular file; ImageError for anything else (a FIFO would block, a device never end)."""
+    """The bytes of a regular file; ImageError for anything else (a FIFO would block, a device never end).
+
+    An "s3://bucket/key" string (an item of s3:// data, see data.sources) is read from its bucket.
+    """
     import stat
 
+    if isinstance(path, str) and path.startswith("s3://"):
+        from edgetl.data.sources import read_uri
+
+        return read_uri(path, name)
     name = name or str(path)
     try:
         with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as f:

@@ -37,6 +37,9 @@ class Dataset:
     classes: list[str]  # sorted; empty for an unlabelled folder
     layout: str  # "split" | "classes" | "flat"
     notes: list[str] = dataclasses.field(default_factory=list)  # one line each: what was skipped and why
+    # Where the bytes are: None for local files (Item.path a Path); a data.sources.S3Source for
+    # s3:// data (root and Item.path are then "s3://bucket/key" strings).
+    source: object = None
 
     def counts(self, split: str | None = None) -> dict[str, int]:
         out = {c: 0 for c in self.classes}
@@ -64,6 +67,11 @@ def image_by_content(path: Path) -> bool:
             head = f.read(16)
     except OSError:
         return False
+    return image_signature(head)
+
+
+def image_signature(head: bytes) -> bool:
+    """Do these first (16) bytes of a file carry an image signature?"""
     return (head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
             or (len(head) > 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace()))
 

@@ -69,12 +69,14 @@ class Trained:
 def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device: str = "auto",
                val_fraction: float = 0.2, batch_size: int = 32, unfreeze: str = "0", augment: int = 0,
                train_bn: bool = False, weights: str | None = None, int8: bool = False, budget_min: float | None = None,
-               recipe=None, log=lambda s: None) -> dict:
-    """Run the whole second step; returns the training summary (also written as metrics.json)."""
-    from edgetl.data.scan import scan
+               recipe=None, log=lambda s: None, engine=None) -> dict:
+    """Run the whole second step; returns the training summary (also written as metrics.json).
+    `engine` (a data.engines.Engine): where the embedding runs, and the endpoint of s3:// data."""
+    from edgetl.data.sources import scan
     from edgetl.export import fuse
 
-    scanned = scan(data, exclude=[out_dir, cache_root])  # refuse unusable data before any work
+    scanned = scan(data, exclude=[out_dir, cache_root],  # refuse unusable data before any work
+                   endpoint_url=engine.endpoint_url if engine else None)
     check_classes(scanned, list(range(len(scanned.items))))
     for line in scanned.notes:
         log(line)
@@ -95,7 +97,7 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     from edgetl.data.embed import embed_folder
 
     r = embed_folder(scanned, cut.path if cut else backbone_path, cache_root, device=device,
-                     check_space=cut is not None)
+                     check_space=cut is not None, engine=engine)
     log(f"{'trunk activations' if cut else 'embedded'}: {r.summary()}")
     for line in r.namespace.problems:
         log(line)
