@@ -311,12 +311,15 @@ def report_embed(r) -> None:
 @click.option("--augment", default=0, show_default=True, type=click.IntRange(0, 32),
               help="Cache K augmented views of each training image (with --unfreeze all: augment online).")
 @click.option("--train-bn", is_flag=True, help="Also update BatchNorm statistics of the trained blocks.")
+@click.option("--recipe", help="Extra steps of full fine-tuning (--unfreeze all), comma list: warmup[=0.1], "
+                               "ema[=0.99], mixup[=0.2], cutmix[=1.0], trivialaugment, llrd[=0.7] [default: none; "
+                               "none measured better on the sample datasets].")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx for CPUs, through the gate of `edgetl quantize` "
                                            "(only when measured no worse and faster on the validation photos).")
 @engine_options
 def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout, epochs, patience, lr, weight_decay,
                    label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, budget, augment,
-                   train_bn, int8, engine, address, workers, gpus_per_worker, endpoint_url):
+                   train_bn, recipe, int8, engine, address, workers, gpus_per_worker, endpoint_url):
     """Embed DATA (only new photos), train a head on the cached embeddings, and fuse backbone and head
     into one model.onnx, verified against the chained pair on every validation photo. Also writes
     metrics.json, MODEL_CARD.md, confusion.png, curves.png (and split.json when it made the split)."""
@@ -330,6 +333,15 @@ def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout
         raise click.BadParameter(f"{hidden!r} is not a comma list of sizes", param_hint="--hidden") from None
     if unfreeze not in ("all", "auto") and not unfreeze.isdigit():
         raise click.BadParameter(f"{unfreeze!r}: use 0, a number of blocks, all or auto", param_hint="--unfreeze")
+    if recipe is not None:
+        from edgetl.train.finetune import Recipe
+
+        try:
+            recipe = Recipe.parse(recipe)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--recipe") from None
+        if unfreeze not in ("all", "auto"):
+            raise click.UsageError("--recipe changes full fine-tuning: use it with --unfreeze all (or auto)")
     cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
                      label_smoothing=label_smoothing, balance="none" if no_class_weights else balance,
                      max_epochs=epochs, patience=patience, seed=seed)
@@ -339,7 +351,7 @@ def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout
     path = _backbone_file(backbone, weights)
     s = train_head(data, path, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
                    unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, int8=int8,
-                   budget_min=budget, log=say, engine=eng)
+                   budget_min=budget, recipe=recipe, log=say, engine=eng)
     m = s["metrics"]
     model = s["out"] / "model.onnx"
     click.echo(f"wrote {model} ({s['regime']}): {len(m['classes'])} classes, "

@@ -48,6 +48,11 @@ def main():
                 picked = f" (auto picked: {s['search']['chosen']})" if s.get("search") else ""
                 print(f"| {data.name} | {name} | {aug} | {m['accuracy']:.4f} ({m['correct']}/{m['n']}) | {sec:.0f} s | "
                       f"{s['regime']}{picked} |", flush=True)
+                if s.get("search") and s["search"]["rows"]:
+                    from edgetl.train.search import Row, table
+
+                    print(f"    {s['auto_reason']}\n    " + "\n    ".join(table([Row(**x) for x in s["search"]["rows"]])),
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,23 @@ def test_unfreeze_all_with_augmentation(data, tmp_path, tiny_onnx):
     assert ev.exit_code == 0
 
 
+def test_unfreeze_all_with_a_recipe(data, tmp_path, tiny_onnx):
+    out = tmp_path / "o"
+    r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", out, "--unfreeze", "all",
+            "--augment", "1", "--epochs", "2", "--recipe", "warmup,ema=0.9,mixup,cutmix,trivialaugment,llrd")
+    assert r.exit_code == 0, r.output
+    recipe = "warmup=0.1,ema=0.9,mixup=0.2,cutmix=1,trivialaugment,llrd=0.7"
+    assert json.loads((out / "metrics.json").read_text())["regime"].endswith(f"(recipe {recipe})")
+    head = {p.key: p.value for p in __import__("onnx").load(str(out / "model.onnx")).metadata_props}[C.KEY_HEAD]
+    assert json.loads(head)["recipe"] == recipe
+    for args, words in ((["--unfreeze", "all", "--recipe", "ema=2"], "outside"),
+                        (["--unfreeze", "all", "--recipe", "dropblock"], "unknown step 'dropblock'"),
+                        (["--recipe", "ema"], "use it with --unfreeze all")):
+        bad = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", tmp_path / "x", *args)
+        assert bad.exit_code == 2 and words in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_augmented_views_are_seeded_and_cached(data, tmp_path, tiny_onnx):
     spec = Spec.from_crop_pct((64, 64), 0.875, (0.5,) * 3, (0.5,) * 3)
     bgr = decode_bgr((data / "a" / "0.jpg").read_bytes())
@@ -161,14 +178,19 @@ def test_auto_rule_and_its_report(data, tmp_path, tiny_onnx):
     assert r.exit_code == 0, r.output
     s = json.loads((out / "metrics.json").read_text())
     rows = s["search"]["rows"]
-    from edgetl.train.search import CANDIDATES
+    from edgetl.train import search as S
 
-    assert {row["candidate"] for row in rows} == {c.name for c in CANDIDATES}
+    assert {row["candidate"] for row in rows} == {c.name for c in S.CANDIDATES}
     tried = [row for row in rows if row["status"] == "tried"]
     assert len(tried) >= 4 and all(0 <= row["balanced_accuracy"] <= 1 for row in tried)
-    best = max(tried, key=lambda row: (row["balanced_accuracy"], -row["loss"]))
-    assert s["search"]["chosen"] == best["candidate"] and f"--unfreeze auto: {best['candidate']} (" in r.output
-    assert s["search"]["inner"]["train"] + s["search"]["inner"]["val"] == sum(s["counts"]["train"].values())
+    inner = s["search"]["inner"]
+    assert inner["photos"] == sum(s["counts"]["train"].values()) and inner["folds"] == S.FOLDS
+    assert max(row["folds"] for row in tried) == S.FOLDS  # the cheap candidates ran every fold
+    for row in tried:
+        assert row["folds"] == len(row["per_fold"]) and np.isclose(row["balanced_accuracy"],
+                                                                 np.mean([f[0] for f in row["per_fold"]]))
+    best, _ = S.choose({c: S.Row(**next(row for row in rows if row["candidate"] == c.name)) for c in S.CANDIDATES})
+    assert s["search"]["chosen"] == best.candidate and f"--unfreeze auto: {best.candidate} (" in r.output
     assert "## How the regime was chosen (--unfreeze auto)" in (out / "MODEL_CARD.md").read_text()
 
 
@@ -184,6 +206,21 @@ def test_auto_keeps_to_its_budget(data, tmp_path, tiny_onnx, monkeypatch):
     rows = {row["candidate"]: row for row in json.loads((out / "metrics.json").read_text())["search"]["rows"]}
     assert rows["linear head"]["status"] == "tried" and rows["whole network, augmented"]["status"] == "over budget"
     assert rows["last 2 blocks + linear head"]["status"] == "over budget"
+
+
+def test_auto_without_photos_to_cross_validate_falls_back_on_the_rule(data, tmp_path, tiny_onnx):
+    import shutil
+
+    one = tmp_path / "one"
+    for cls in ("a", "b"):
+        (one / cls).mkdir(parents=True)
+        shutil.copy(data / cls / "0.jpg", one / cls / "0.jpg")
+    out = tmp_path / "o"
+    r = cli("train-head", one, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", out, "--unfreeze", "auto")
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "metrics.json").read_text())
+    assert s["search"]["rows"] == [] and s["search"]["chosen"] == "--unfreeze 0"
+    assert "too few training photos to measure" in s["auto_reason"]
 
 
 def test_batchnorm_statistics_stay_frozen_by_default():

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 
@@ -89,3 +90,70 @@ def test_layerwise_lr_decays_from_the_top(tiny_backbone):
     assert lrs[-1] == 1e-3 and all(a > b for a, b in zip(lrs[:-2], lrs[1:-1]))
     n_params = sum(len(g["params"]) for g in groups)
     assert n_params == len(list(features.parameters())) + len(list(head.parameters()))
+
+
+def test_candidates_are_compared_on_the_folds_both_ran():
+    from edgetl.train.search import Row, best
+
+    cheap, dear, other = Row("cheap", 1), Row("dear", 100), Row("other", 1)
+    for bal in (0.95, 1.0, 1.0, 1.0, 1.0):  # cheap: 0.99 over 5 folds, but 0.95 on the first
+        cheap.add(1.0, (bal, bal, 0.1), 50)
+    dear.add(100.0, (0.98, 0.98, 0.2), 50)  # one fold only: better than cheap on that fold
+    for _ in range(5):
+        other.add(1.0, (0.97, 0.97, 0.05), 50)
+    assert cheap.folds == 5 and np.isclose(cheap.balanced_accuracy, 0.99) and cheap.seconds == 5.0
+    assert best([cheap, other]) is cheap  # 0.99 vs 0.97 over the same five folds
+    assert best([cheap, dear]) is dear  # 0.98 vs 0.95 on the one fold both ran, not 0.99 vs 0.98
+    tie = Row("tie", 1)
+    for bal in (0.95, 1.0, 1.0, 1.0, 1.0):
+        tie.add(1.0, (bal, bal, 0.05), 50)
+    assert best([cheap, tie]) is tie  # equal accuracy: the lower loss wins
+    assert best([Row("untried", 1)]) is None
+
+
+def test_folds_validate_every_group_once():
+    import types
+
+    from edgetl.data.split import folds
+
+    labels = ["a"] * 12 + ["b"] * 7 + ["c"]  # c: a single photo, always trained on
+    ds = types.SimpleNamespace(classes=["a", "b", "c"], items=[types.SimpleNamespace(label=x) for x in labels])
+    keys = [bytes([i]) for i in range(20)]
+    keys[1] = keys[0]  # byte-identical pair: validated together
+    fs = folds(ds, keys, list(range(20)), 5, seed=3)
+    assert len(fs) == 5
+    vals = [i for f in fs for i in f.val]
+    assert sorted(vals) == list(range(19))  # every photo but the single one, once
+    for f in fs:
+        assert sorted(f.train + f.val) == list(range(20)) and 19 in f.train
+        assert (0 in f.val) == (1 in f.val)
+        assert {labels[i] for i in f.train} == {"a", "b", "c"}
+    assert [f.val for f in folds(ds, keys, list(range(20)), 5, seed=3)] == [f.val for f in fs]
+    assert [f.val for f in folds(ds, keys, list(range(20)), 5, seed=4)] != [f.val for f in fs]
+
+
+def test_one_standard_error_rule_prefers_training_less():
+    from edgetl.train.search import CANDIDATES, Row, choose
+
+    head, mlp, top2, full = (next(c for c in CANDIDATES if c.name == n) for n in
+                             ("linear head", "mlp head", "last 2 blocks + linear head", "whole network, augmented"))
+
+    def rows(head_bal, full_bal, photos):
+        rs = {c: Row(c.name, 1) for c in (head, mlp, top2, full)}
+        for _ in range(5):
+            rs[head].add(1.0, (head_bal, head_bal, 0.2), photos)
+            rs[mlp].add(1.0, (head_bal - 0.01, head_bal - 0.01, 0.1), photos)
+        for _ in range(3):
+            rs[top2].add(10.0, (head_bal, head_bal, 0.15), photos)
+        rs[full].add(100.0, (full_bal, full_bal, 0.1), photos)
+        return rs
+
+    # 50 photos a fold: 0.965 vs 0.98 is inside one standard error (sqrt(.98 * .02 / 50) = 0.0198): the head
+    r, why = choose(rows(0.965, 0.98, 50))
+    assert r.candidate == "linear head" and "within one standard error (0.020)" in why
+    # 600 photos a fold: 0.76 vs 0.80 is 2.4 standard errors (0.0163) apart: the whole network
+    r, why = choose(rows(0.76, 0.80, 600))
+    assert r.candidate == "whole network, augmented" and why == "the best inner balanced accuracy"
+    # the heads compare on their means only: linear (0.96) over mlp (0.95) despite mlp's lower loss
+    rs = rows(0.96, 0.5, 50)
+    assert choose(rs)[0] is rs[head]

@@ -55,6 +55,32 @@ def stratified(ds, keys: list[bytes | None], usable: list[int], val_fraction: fl
     return _stratified(ds, keys, usable, val_fraction, seed, [])
 
 
+def folds(ds, keys: list[bytes | None], usable: list[int], k: int, seed: int) -> list[Split]:
+    """k-fold cross-validation over the items `usable`, by content and stratified: every group of
+    byte-identical photos is validated in exactly one fold (a class with a single group is always trained
+    on). Folds without validation photos are left out."""
+    groups: dict[bytes, list[int]] = {}
+    for i in usable:
+        groups.setdefault(keys[i], []).append(i)
+    by_class: dict[str, list[list[int]]] = {c: [] for c in ds.classes}
+    for members in groups.values():
+        by_class[ds.items[members[0]].label].append(members)
+    rng = random.Random(seed)
+    val: list[list[int]] = [[] for _ in range(k)]
+    start = 0
+    for c in ds.classes:
+        gs = by_class[c]
+        rng.shuffle(gs)
+        if len(gs) < 2:
+            continue
+        for j, g in enumerate(gs):
+            val[(start + j) % k] += g
+        start += len(gs)  # classes smaller than k fall into different folds
+    every = set(usable)
+    return [Split(sorted(every - set(v)), sorted(v), f"fold {f + 1} of {k}, seed {seed}", False)
+            for f, v in enumerate(val) if v]
+
+
 def _stratified(ds, keys, usable, val_fraction, seed, notes) -> Split:
     groups: dict[bytes, list[int]] = {}
     for i in usable:  # byte-identical photos form one group; input order kept

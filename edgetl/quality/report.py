@@ -198,9 +198,10 @@ def _search_section(s: dict) -> str:
 
     lines = table([Row(**r) for r in sr["rows"]])
     inner = sr.get("inner", {})
-    return (f"## How the regime was chosen (--unfreeze auto)\nEach candidate was trained on {inner.get('train')} of the "
-            f"training photos and scored on the other {inner.get('val')} (never on the validation photos above), "
-            f"within a budget of {sr['budget_s'] / 60:.0f} minutes; chosen: {sr['chosen']} ({s['auto_reason']}).\n\n"
+    return (f"## How the regime was chosen (--unfreeze auto)\nThe {inner.get('photos')} training photos were split "
+            f"into {inner.get('folds')} folds by content; each candidate was trained on all folds but one and scored on "
+            f"that one (never on the validation photos above), for as many folds as a budget of "
+            f"{sr['budget_s'] / 60:.0f} minutes allowed; chosen: {sr['chosen']} ({s['auto_reason']}).\n\n"
             + "    " + "\n    ".join(lines) + "\n\n")
 
 

@@ -182,6 +182,43 @@ class Recipe:
     trivial_augment: bool = False  # TrivialAugmentWide (torchvision v2) after the crop and flip
     llrd: float = 0.0  # layer-wise learning-rate decay per block from the top; 0: one rate for the backbone
 
+    # `--recipe` names: field, value when given without "=", accepted range (inclusive)
+    OPTIONS = {"warmup": ("warmup", 0.1, (0.0, 0.5)), "ema": ("ema", 0.99, (0.0, 0.9999)),
+               "mixup": ("mixup", 0.2, (0.0, 10.0)), "cutmix": ("cutmix", 1.0, (0.0, 10.0)),
+               "trivialaugment": ("trivial_augment", True, None), "llrd": ("llrd", 0.7, (0.0, 1.0))}
+
+    @classmethod
+    def parse(cls, text: str) -> Recipe:
+        """`--recipe warmup,ema=0.995,mixup,cutmix,trivialaugment,llrd=0.8` → Recipe; ValueError with the
+        reason for anything else."""
+        kw = {}
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            name = name.strip().lower().replace("-", "").replace("_", "")
+            if name not in cls.OPTIONS:
+                raise ValueError(f"unknown step {name!r}; use {', '.join(cls.OPTIONS)}")
+            field, default, bounds = cls.OPTIONS[name]
+            if bounds is None:
+                if eq:
+                    raise ValueError(f"{name} takes no value")
+                kw[field] = True
+                continue
+            try:
+                v = float(value) if eq else default
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is not a number") from None
+            if not (bounds[0] < v <= bounds[1]):
+                raise ValueError(f"{name}={v:g} is outside ({bounds[0]:g}, {bounds[1]:g}]")
+            kw[field] = v
+        return cls(**kw)
+
+    def describe(self) -> str:
+        parts = [name if field == "trivial_augment" else f"{name}={getattr(self, field):g}"
+                 for name, (field, _, _) in self.OPTIONS.items() if getattr(self, field)]
+        return ",".join(parts) or "baseline"
+
 
 DEFAULT_RECIPE = Recipe()
 

@@ -22,8 +22,8 @@ from edgetl.errors import DataError
 from edgetl.files import check_parent_writable, output_set, write_bytes, write_text
 from edgetl.train.heads import HeadConfig
 
-# --unfreeze auto: images per class (the smallest class's training count) → regime. Measured on the
-# shared datasets (see README, "Choosing a regime"); the classic rule of thumb made concrete.
+# --unfreeze auto measures (train/search.py); only when the training photos cannot be cut into folds (every
+# class a single photo) does it fall back on this rule of thumb: the smallest class's training count → regime.
 AUTO_HEAD_BELOW = 200  # fewer per class: a head on frozen features (more layers would overfit)
 AUTO_ALL_FROM = 1000  # this many or more per class: fine-tune everything; between: the last 2 blocks
 
@@ -39,13 +39,6 @@ def check_classes(ds, usable: list[int]) -> None:
     if empty:
         more = f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""
         raise DataError(f"class {empty[0]!r} has no readable images{more}")
-
-
-def _smallest_train_class(ds, val_fraction: float) -> int:
-    """Training images in the smallest class, as the split will make it (before images are read)."""
-    if ds.layout == "split" and any(it.split == "val" for it in ds.items):
-        return min(ds.counts("train").values())
-    return min(n - (min(max(round(val_fraction * n), 1), n - 1) if n >= 2 else 0) for n in ds.counts().values())
 
 
 def choose_regime(per_class: int) -> tuple[str, str]:
@@ -85,9 +78,11 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     check_parent_writable(out_dir)
     torch_device = None if device == "auto" else ("cuda" if device == "cuda" else "cpu")
     reason, search = "", None
+    if recipe is not None and unfreeze not in ("all", "auto"):
+        raise DataError("--recipe changes full fine-tuning: use it with --unfreeze all (or auto)")
     if unfreeze == "auto":  # measured on the training photos, within the budget
         search = _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, torch_device, val_fraction,
-                         weights, train_bn, budget_min, batch_size, log)
+                         weights, train_bn, budget_min, batch_size, log, recipe)
         unfreeze, augment, cfg, reason = search["unfreeze"], search["augment"], search["cfg"], search["reason"]
         log(f"--unfreeze auto: {search['chosen']} ({reason})")
     cut = None
@@ -131,13 +126,13 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
 
 
 def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, torch_device, val_fraction, weights,
-            train_bn, budget_min, batch_size, log) -> dict:
+            train_bn, budget_min, batch_size, log, recipe=None) -> dict:
     """--unfreeze auto: try the candidate regimes that fit the budget on an inner split of the training
     photos; returns the chosen regime and the table (see train/search.py)."""
     import time
 
     from edgetl.data.embed import embed_folder
-    from edgetl.data.split import Split, stratified
+    from edgetl.data.split import Split, folds
     from edgetl.deploy.runtime import session
     from edgetl.errors import EdgetlError
     from edgetl.train import search as S
@@ -150,11 +145,15 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
     usable = [i for i, k in enumerate(r.keys) if k is not None]
     check_classes(ds, usable)
     outer = make_split(ds, r.keys, usable, val_fraction, cfg.seed)
-    inner = stratified(ds, r.keys, outer.train, 0.2, cfg.seed + 1)
     cls = {c: i for i, c in enumerate(ds.classes)}
-    y_tr = np.array([cls[ds.items[i].label] for i in inner.train])
-    y_va = np.array([cls[ds.items[i].label] for i in inner.val])
-    if len(set(y_tr)) < len(ds.classes) or not len(y_va):
+
+    def labels(idx):
+        return np.array([cls[ds.items[i].label] for i in idx])
+
+    inner = [Split(f.train, f.val, "inner fold of the training photos", False)
+             for f in folds(ds, r.keys, outer.train, S.FOLDS, cfg.seed + 1)]
+    inner = [f for f in inner if len(set(labels(f.train))) == len(ds.classes)]
+    if not inner:
         unfreeze, why = choose_regime(min(_counts(ds, outer.train).values()))
         return {"unfreeze": unfreeze, "augment": 0, "cfg": cfg, "chosen": f"--unfreeze {unfreeze}", "rows": [],
                 "reason": f"too few training photos to measure ({why})", "budget_s": budget}
@@ -164,57 +163,67 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
     sess.run(None, {C.IMAGE: x})
     t = time.perf_counter()
     sess.run(None, {C.IMAGE: x})
+    embed_s = (time.perf_counter() - t) / 16 + 0.003  # + decoding
     bb = _torch_backbone(bmeta, weights)
     st = verified_stages(bb)
-    pr = S.probe(bb, st, (time.perf_counter() - t) / 16 + 0.003, device,
+    pr = S.probe(bb, st, embed_s, device,
                  [int(c.unfreeze) for c in S.CANDIDATES if c.unfreeze.isdigit() and 0 < int(c.unfreeze) <= len(st.blocks)])
-    n_images, quiet = len(ds.items), (lambda line: None)
-    rows, best = [], None
-    inner_split = Split(inner.train, inner.val, "inner split of the training photos", False)
-    plan = sorted(S.CANDIDATES, key=lambda c: pr.cost(c, n_images, len(inner.train)))
-    log(f"--unfreeze auto: {len(y_tr)} inner training and {len(y_va)} inner validation photos, budget {budget / 60:.0f} min")
-    for c in plan:
-        est = pr.cost(c, n_images, len(inner.train))
-        row = S.Row(c.name, est)
-        rows.append(row)
-        if c.unfreeze.isdigit() and int(c.unfreeze) > len(st.blocks):
-            row.status = f"{bb.name} has {len(st.blocks)} blocks"
-            continue
-        if time.perf_counter() - t0 + est + pr.cost(c, n_images, len(outer.train)) > budget:
-            row.status = "over budget"
-            continue
-        started = time.perf_counter()
-        common = dict(ds=ds, split=inner_split, y_train=y_tr, y_val=y_va, cfg=dataclasses.replace(cfg, kind=c.kind),
-                      augment=c.augment, cache_root=cache_root, device=device, torch_device=torch_device,
-                      batch_size=batch_size, log=quiet)
-        try:
-            if c.unfreeze == "0":
-                fit = _train_frozen(r, backbone, bmeta, backbone_path, **common).fit
-            elif c.unfreeze == "all":
-                fit = _train_all(bmeta, weights, train_bn, export=False, **common).fit
-            else:
-                cut = _cut(int(c.unfreeze), bmeta, weights, cache_root, n_images, quiet)
-                rt = embed_folder(ds, cut.path, cache_root, device=device, check_space=True)
-                fit = _train_top(cut, rt, train_bn, export=False, **common).fit
-        except EdgetlError as e:
-            row.status = f"failed: {e}"
-            continue
-        row.seconds = time.perf_counter() - started
-        row.balanced_accuracy, row.accuracy, row.loss = S.score(fit)
-        row.status = "tried"
-        log(f"  {c.name}: inner balanced accuracy {row.balanced_accuracy:.4f}, loss {row.loss:.4f}, {row.seconds:.0f} s")
-        if best is None or (row.balanced_accuracy, -row.loss) > best[0]:
-            best = ((row.balanced_accuracy, -row.loss), c, row)
-    if best is None:
+    n_images, n_fold_train, quiet = len(ds.items), len(inner[0].train), (lambda line: None)
+    plan = sorted(S.CANDIDATES, key=lambda c: pr.cost(c, n_images, n_fold_train))
+    rows = {c: S.Row(c.name, pr.cost(c, n_images, n_fold_train)) for c in plan}
+    final = {c: pr.cost(c, n_images, len(outer.train)) for c in plan}  # its run on all training photos
+    last = {}  # candidate → seconds of its latest fold (the estimate of its next)
+    log(f"--unfreeze auto: up to {len(inner)} folds of the {len(outer.train)} training photos, "
+        f"budget {budget / 60:.0f} min")
+    for k, fold in enumerate(inner):
+        common = dict(ds=ds, split=fold, y_train=labels(fold.train), y_val=labels(fold.val), augment=0,
+                      cache_root=cache_root, device=device, torch_device=torch_device, batch_size=batch_size,
+                      log=quiet)
+        for c in plan:
+            row = rows[c]
+            if k and (row.status != "tried" or row.folds < k):
+                continue  # never started, failed, or stopped by the budget: folds stay contiguous
+            if c.unfreeze.isdigit() and int(c.unfreeze) > len(st.blocks):
+                row.status = f"{bb.name} has {len(st.blocks)} blocks"
+                continue
+            # the first fold keeps room for its own final run; later folds for the dearest final run that could win
+            reserve = final[c] if not k else max(final[d] for d in plan if rows[d].status == "tried")
+            if time.perf_counter() - t0 + last.get(c, row.estimated_s) + reserve > budget:
+                if not k:
+                    row.status = "over budget"
+                continue
+            started = time.perf_counter()
+            args = {**common, "cfg": dataclasses.replace(cfg, kind=c.kind), "augment": c.augment}
+            try:
+                if c.unfreeze == "0":
+                    fit = _train_frozen(r, backbone, bmeta, backbone_path, **args).fit
+                elif c.unfreeze == "all":
+                    fit = _train_all(bmeta, weights, train_bn, export=False, recipe=recipe, **args).fit
+                else:
+                    cut = _cut(int(c.unfreeze), bmeta, weights, cache_root, n_images, quiet)
+                    rt = embed_folder(ds, cut.path, cache_root, device=device, check_space=True)
+                    fit = _train_top(cut, rt, train_bn, export=False, **args).fit
+            except EdgetlError as e:
+                row.status = f"failed: {e}"
+                row.per_fold, row.folds = [], 0
+                continue
+            last[c] = time.perf_counter() - started
+            row.add(last[c], S.score(fit), len(fold.val))
+        tried = [rows[c] for c in plan if rows[c].folds == k + 1]
+        if tried:
+            log(f"  fold {k + 1}/{len(inner)}: " + ", ".join(f"{x.candidate} {x.per_fold[-1][0]:.3f}" for x in tried))
+    top, why = S.choose(rows)
+    if top is None:
         raise DataError(f"no candidate regime fits a budget of {budget / 60:.1f} min; give --budget more minutes")
-    _, c, row = best
-    for line in S.table(rows):
+    c = next(c for c in plan if rows[c] is top)
+    for line in S.table(list(rows.values())):
         log(line)
+    n_tried = sum(x.status == "tried" for x in rows.values())
     return {"unfreeze": c.unfreeze, "augment": c.augment, "cfg": dataclasses.replace(cfg, kind=c.kind), "chosen": c.name,
-            "reason": f"best inner balanced accuracy {row.balanced_accuracy:.4f} of {sum(r.status == 'tried' for r in rows)} "
+            "reason": f"{why}; inner balanced accuracy {top.balanced_accuracy:.4f} over {top.folds} folds; {n_tried} "
                       f"candidates tried in {time.perf_counter() - t0:.0f} s of a {budget / 60:.0f} min budget",
-            "rows": [dataclasses.asdict(x) for x in rows], "budget_s": budget,
-            "inner": {"train": len(y_tr), "val": len(y_va)}}
+            "rows": [dataclasses.asdict(x) for x in rows.values()], "budget_s": budget,
+            "inner": {"photos": len(outer.train), "folds": len(inner)}}
 
 
 def _aug_views(model_path, ds, split, augment, cache_root, device, batch_size, log, check_space=False):
@@ -396,8 +405,10 @@ def _train_all(bmeta, weights, train_bn, ds, split, y_train, y_val, cfg, augment
     first = to_onnx(image_module(tuned), (torch.zeros(2, h_, w_, 3, dtype=torch.uint8),), [C.IMAGE], [C.EMBEDDING], meta)
     head_model, diff = fuse.export_head(model.head, bb.dim, ds.classes, {
         C.KEY_BACKBONE: meta[C.KEY_BACKBONE], C.KEY_FINGERPRINT: tuned.fingerprint,
-        C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": "all", "augment": bool(augment), "train_bn": train_bn})})
-    return Trained(first, head_model, diff, res, "whole network fine-tuned" + (" with augmentation" if augment else ""))
+        C.KEY_HEAD: json.dumps({**cfg.describe(), "unfreeze": "all", "augment": bool(augment), "train_bn": train_bn,
+                                "recipe": recipe.describe()})})
+    return Trained(first, head_model, diff, res, "whole network fine-tuned" + (" with augmentation" if augment else "")
+                   + ("" if recipe == DEFAULT_RECIPE else f" (recipe {recipe.describe()})"))
 
 
 def _finish(t: Trained, fused, data, ds, split, y_val, cfg, out: Path, r, batch_size: int, reason: str,

@@ -1,10 +1,12 @@
 """`--unfreeze auto`: choose the training regime by measurement, within a time budget.
 
-The training photos (never the validation photos that are reported) are split once more, by content:
-an inner training part and an inner validation part. Each candidate regime's cost is estimated from
-short probes on this device (inference and training steps per second); those whose inner run plus a
-final run on all training photos fit the budget are trained on the inner part and scored on the inner
-validation part (balanced accuracy, then accuracy, then time). The best is then trained as usual on all
+The training photos (never the validation photos that are reported) are cross-validated: split by
+content into FOLDS folds, each candidate is trained on the other folds and scored on one. Each candidate
+regime's cost is first estimated from short probes on this device (inference and training steps per
+second), later from its own measured time; fold after fold, every candidate whose next run plus a final
+run on all training photos fits the budget is tried. Candidates are compared on the folds both completed
+(mean balanced accuracy, then mean class-balanced loss); one that trains less of the network is kept when
+it is within one standard error of the best (`choose`). The chosen one is then trained as usual on all
 training photos and scored on the real validation photos. The table of candidates goes to the output,
 metrics.json and the model card.
 """
@@ -17,6 +19,7 @@ import time
 import numpy as np
 
 AUG = 4  # cached augmented views for the frozen candidates that augment
+FOLDS = 5  # cross-validation folds of the training photos (as many as the budget allows are run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,28 +126,86 @@ def probe(bb, stages, embed_s_per_image: float, device: str, block_counts=(1, 2,
 class Row:
     candidate: str
     estimated_s: float
-    seconds: float | None = None
-    accuracy: float | None = None
+    seconds: float | None = None  # all its folds together
+    accuracy: float | None = None  # means over its folds
     balanced_accuracy: float | None = None
     loss: float | None = None
     status: str = "not tried"
+    folds: int = 0
+    per_fold: list = dataclasses.field(default_factory=list)  # [balanced acc., accuracy, loss, photos] per fold
+
+    def add(self, seconds: float, fold_score: tuple[float, float, float], photos: int) -> None:
+        self.seconds = (self.seconds or 0.0) + seconds
+        self.per_fold.append([*(float(v) for v in fold_score), int(photos)])
+        self.folds = len(self.per_fold)
+        self.balanced_accuracy, self.accuracy, self.loss = (float(np.mean([f[j] for f in self.per_fold]))
+                                                            for j in range(3))
+        self.status = "tried"
+
+    def key(self, folds: int) -> tuple[float, float]:
+        """(mean balanced accuracy, -mean loss) over the first `folds` folds: larger is better."""
+        f = self.per_fold[:folds]
+        return float(np.mean([x[0] for x in f])), -float(np.mean([x[2] for x in f]))
+
+
+def best(rows: list[Row]) -> Row | None:
+    """The winner among the tried rows, each pair compared on the folds both completed (cheap candidates
+    run more folds than expensive ones; an expensive one is compared with them on equal terms)."""
+    tried = sorted((r for r in rows if r.per_fold), key=lambda r: -r.folds)
+    champion = None
+    for r in tried:
+        if champion is None:
+            champion = r
+            continue
+        m = min(r.folds, champion.folds)
+        if r.key(m) > champion.key(m):
+            champion = r
+    return champion
+
+
+def depth(c: Candidate) -> int:
+    """How much of the network a candidate trains: 0 (a head on frozen features) … 99 (all of it)."""
+    return 99 if c.unfreeze == "all" else int(c.unfreeze)
+
+
+def choose(rows: dict[Candidate, Row]) -> tuple[Row, str]:
+    """The one-standard-error rule across depths: the best row (`best`), unless a candidate that trains
+    less of the network (the best of its depth) scores within one standard error of it on the folds both
+    ran. The standard error is the binomial one of the best's balanced accuracy over those folds' photos
+    (at least one photo). Among heads on frozen features the best is kept as is: all run every fold."""
+    top = best(list(rows.values()))
+    if top is None:
+        return None, ""
+    for d in sorted({depth(c) for c in rows}):
+        r = best([row for c, row in rows.items() if depth(c) == d])
+        if r is top:
+            break
+        if r is None:
+            continue
+        m = min(r.folds, top.folds)
+        p, n = top.key(m)[0], sum(f[3] for f in top.per_fold[:m])
+        se = max(float(np.sqrt(p * (1 - p) / n)), 1 / n)
+        if top.key(m)[0] - r.key(m)[0] <= se:
+            return r, (f"within one standard error ({se:.3f}) of the best, {top.candidate} ({top.key(m)[0]:.4f} vs "
+                       f"{r.key(m)[0]:.4f} on {m} folds), and trains less of the network")
+    return top, "the best inner balanced accuracy"
 
 
 def table(rows: list[Row]) -> list[str]:
-    lines = [f"{'candidate':<36} {'est. s':>7} {'took s':>7} {'inner acc':>9} {'balanced':>9} {'loss':>7}  status"]
+    lines = [f"{'candidate':<36} {'est. s':>7} {'took s':>7} {'folds':>5} {'inner acc':>9} {'balanced':>9} "
+             f"{'loss':>7}  status"]
     for r in rows:
         took = f"{r.seconds:.0f}" if r.seconds is not None else "-"
         acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
         bal = f"{r.balanced_accuracy:.4f}" if r.balanced_accuracy is not None else "-"
         loss = f"{r.loss:.4f}" if r.loss is not None else "-"
-        lines.append(f"{r.candidate:<36} {r.estimated_s:>7.0f} {took:>7} {acc:>9} {bal:>9} {loss:>7}  {r.status}")
+        lines.append(f"{r.candidate:<36} {r.estimated_s:>7.0f} {took:>7} {r.folds:>5} {acc:>9} {bal:>9} {loss:>7}  "
+                     f"{r.status}")
     return lines
 
 
 def score(fit) -> tuple[float, float, float]:
-    """(balanced accuracy, accuracy, class-balanced loss) on the inner validation photos at the kept epoch.
-    Candidates rank by balanced accuracy, then by the loss (accuracy on a few dozen photos often ties;
-    the loss does not)."""
+    """(balanced accuracy, accuracy, class-balanced loss) on the inner validation photos at the kept epoch."""
     h = fit.history
     i = max(0, fit.best_epoch - 1)
     return h["val_balanced_acc"][i], h["val_acc"][i], h["val_loss"][i]
