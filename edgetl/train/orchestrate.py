@@ -220,7 +220,7 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
         log(line)
     n_tried = sum(x.status == "tried" for x in rows.values())
     return {"unfreeze": c.unfreeze, "augment": c.augment, "cfg": dataclasses.replace(cfg, kind=c.kind), "chosen": c.name,
-            "reason": f"{why}; inner balanced accuracy {top.balanced_accuracy:.4f} over {top.folds} folds; {n_tried} "
+            "reason": f"{why}: inner balanced accuracy {top.balanced_accuracy:.4f} over {top.folds} folds; {n_tried} "
                       f"candidates tried in {time.perf_counter() - t0:.0f} s of a {budget / 60:.0f} min budget",
             "rows": [dataclasses.asdict(x) for x in rows.values()], "budget_s": budget,
             "inner": {"photos": len(outer.train), "folds": len(inner)}}

@@ -188,7 +188,7 @@ def choose(rows: dict[Candidate, Row]) -> tuple[Row, str]:
         if top.key(m)[0] - r.key(m)[0] <= se:
             return r, (f"within one standard error ({se:.3f}) of the best, {top.candidate} ({top.key(m)[0]:.4f} vs "
                        f"{r.key(m)[0]:.4f} on {m} folds), and trains less of the network")
-    return top, "the best inner balanced accuracy"
+    return top, "the best"
 
 
 def table(rows: list[Row]) -> list[str]:
