@@ -175,43 +175,53 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
     last = {}  # candidate → seconds of its latest fold (the estimate of its next)
     log(f"--unfreeze auto: up to {len(inner)} folds of the {len(outer.train)} training photos, "
         f"budget {budget / 60:.0f} min")
-    for k, fold in enumerate(inner):
-        common = dict(ds=ds, split=fold, y_train=labels(fold.train), y_val=labels(fold.val), augment=0,
-                      cache_root=cache_root, device=device, torch_device=torch_device, batch_size=batch_size,
-                      log=quiet)
-        for c in plan:
-            row = rows[c]
-            if k and (row.status != "tried" or row.folds < k):
-                continue  # never started, failed, or stopped by the budget: folds stay contiguous
-            if c.unfreeze.isdigit() and int(c.unfreeze) > len(st.blocks):
-                row.status = f"{bb.name} has {len(st.blocks)} blocks"
-                continue
-            # the first fold keeps room for its own final run; later folds for the dearest final run that could win
-            reserve = final[c] if not k else max(final[d] for d in plan if rows[d].status == "tried")
-            if time.perf_counter() - t0 + last.get(c, row.estimated_s) + reserve > budget:
-                if not k:
-                    row.status = "over budget"
-                continue
-            started = time.perf_counter()
-            args = {**common, "cfg": dataclasses.replace(cfg, kind=c.kind), "augment": c.augment}
-            try:
-                if c.unfreeze == "0":
-                    fit = _train_frozen(r, backbone, bmeta, backbone_path, **args).fit
-                elif c.unfreeze == "all":
-                    fit = _train_all(bmeta, weights, train_bn, export=False, recipe=recipe, **args).fit
-                else:
-                    cut = _cut(int(c.unfreeze), bmeta, weights, cache_root, n_images, quiet)
-                    rt = embed_folder(ds, cut.path, cache_root, device=device, check_space=True)
-                    fit = _train_top(cut, rt, train_bn, export=False, **args).fit
-            except EdgetlError as e:
-                row.status = f"failed: {e}"
-                row.per_fold, row.folds = [], 0
-                continue
-            last[c] = time.perf_counter() - started
-            row.add(last[c], S.score(fit), len(fold.val))
-        tried = [rows[c] for c in plan if rows[c].folds == k + 1]
-        if tried:
-            log(f"  fold {k + 1}/{len(inner)}: " + ", ".join(f"{x.candidate} {x.per_fold[-1][0]:.3f}" for x in tried))
+
+    def run(c, k: int) -> bool:
+        """Fold k of candidate c, when it fits the budget; False when it does not (or failed)."""
+        row, fold = rows[c], inner[k]
+        # a first fold keeps room for its own final run; a later one for the dearest final run that could win
+        reserve = final[c] if not k else max(final[d] for d in plan if rows[d].status == "tried")
+        if time.perf_counter() - t0 + last.get(c, row.estimated_s) + reserve > budget:
+            if not k:
+                row.status = "over budget"
+            return False
+        started = time.perf_counter()
+        args = dict(ds=ds, split=fold, y_train=labels(fold.train), y_val=labels(fold.val),
+                    cfg=dataclasses.replace(cfg, kind=c.kind), augment=c.augment, cache_root=cache_root, device=device,
+                    torch_device=torch_device, batch_size=batch_size, log=quiet)
+        try:
+            if c.unfreeze == "0":
+                fit = _train_frozen(r, backbone, bmeta, backbone_path, **args).fit
+            elif c.unfreeze == "all":
+                fit = _train_all(bmeta, weights, train_bn, export=False, recipe=recipe, **args).fit
+            else:
+                cut = _cut(int(c.unfreeze), bmeta, weights, cache_root, n_images * (1 + c.augment), quiet)
+                rt = embed_folder(ds, cut.path, cache_root, device=device, check_space=True)
+                fit = _train_top(cut, rt, train_bn, export=False, **args).fit
+        except EdgetlError as e:
+            row.status = f"failed: {e}"
+            row.per_fold, row.folds = [], 0
+            return False
+        last[c] = time.perf_counter() - started
+        row.add(last[c], S.score(fit), len(fold.val))
+        if not k:  # measured beats probed: the final run trains on all training photos, not 4/5 of them
+            final[c] = last[c] * len(outer.train) / len(fold.train)
+        return True
+
+    # Every candidate's first fold, cheapest first; then more folds, candidate by candidate, cheapest first
+    # (a head's fold costs seconds, the whole network's minutes: the cheap ones get all their folds).
+    for c in plan:
+        if c.unfreeze.isdigit() and int(c.unfreeze) > len(st.blocks):
+            rows[c].status = f"{bb.name} has {len(st.blocks)} blocks"
+        elif run(c, 0):
+            log(f"  {c.name}: inner balanced accuracy {rows[c].balanced_accuracy:.4f} on fold 1 ({last[c]:.0f} s)")
+    for c in plan:
+        if rows[c].status == "tried" and len(inner) > 1:
+            k = 1
+            while k < len(inner) and run(c, k):
+                k += 1
+            if k > 1:
+                log(f"  {c.name}: mean inner balanced accuracy {rows[c].balanced_accuracy:.4f} over {k} folds")
     top, why = S.choose(rows)
     if top is None:
         raise DataError(f"no candidate regime fits a budget of {budget / 60:.1f} min; give --budget more minutes")

@@ -3,8 +3,9 @@
 The training photos (never the validation photos that are reported) are cross-validated: split by
 content into FOLDS folds, each candidate is trained on the other folds and scored on one. Each candidate
 regime's cost is first estimated from short probes on this device (inference and training steps per
-second), later from its own measured time; fold after fold, every candidate whose next run plus a final
-run on all training photos fits the budget is tried. Candidates are compared on the folds both completed
+second), later from its own measured time. Every candidate first runs one fold (cheapest first), then
+more folds candidate by candidate (cheapest first), while its next run plus a final run on all training
+photos fits the budget. Candidates are compared on the folds both completed
 (mean balanced accuracy, then mean class-balanced loss); one that trains less of the network is kept when
 it is within one standard error of the best (`choose`). The chosen one is then trained as usual on all
 training photos and scored on the real validation photos. The table of candidates goes to the output,
@@ -38,6 +39,7 @@ CANDIDATES = (
     Candidate("last block + linear head", "1", "linear", 0),
     Candidate("last 2 blocks + linear head", "2", "linear", 0),
     Candidate("last 3 blocks + linear head", "3", "linear", 0),
+    Candidate(f"last 2 blocks + linear head, {AUG} augmented views", "2", "linear", AUG),
     Candidate("whole network, augmented", "all", "linear", 1),
 )
 DEFAULT_BUDGET_MIN = {"cuda": 5.0, "cpu": 10.0}
@@ -66,8 +68,8 @@ class Probe:
             return self.embed * n_train * c.augment + 0.002 * n_train * views * 60 / 10 + 2
         if c.unfreeze == "all":
             return self.full * n_train * 10 + 10  # about 10 epochs, and the export
-        k = int(c.unfreeze)
-        return self.embed * n_images + self.top[k] * n_train * 12 + 5  # about 12 epochs
+        k = int(c.unfreeze)  # activation maps of every photo (and of the augmented views), about 12 epochs
+        return self.embed * (n_images + n_train * c.augment) + self.top[k] * n_train * views * 12 + 5
 
 
 def probe(bb, stages, embed_s_per_image: float, device: str, block_counts=(1, 2, 3)) -> Probe:
@@ -192,14 +194,14 @@ def choose(rows: dict[Candidate, Row]) -> tuple[Row, str]:
 
 
 def table(rows: list[Row]) -> list[str]:
-    lines = [f"{'candidate':<36} {'est. s':>7} {'took s':>7} {'folds':>5} {'inner acc':>9} {'balanced':>9} "
+    lines = [f"{'candidate':<46} {'est. s':>7} {'took s':>7} {'folds':>5} {'inner acc':>9} {'balanced':>9} "
              f"{'loss':>7}  status"]
     for r in rows:
         took = f"{r.seconds:.0f}" if r.seconds is not None else "-"
         acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
         bal = f"{r.balanced_accuracy:.4f}" if r.balanced_accuracy is not None else "-"
         loss = f"{r.loss:.4f}" if r.loss is not None else "-"
-        lines.append(f"{r.candidate:<36} {r.estimated_s:>7.0f} {took:>7} {r.folds:>5} {acc:>9} {bal:>9} {loss:>7}  "
+        lines.append(f"{r.candidate:<46} {r.estimated_s:>7.0f} {took:>7} {r.folds:>5} {acc:>9} {bal:>9} {loss:>7}  "
                      f"{r.status}")
     return lines
 
