@@ -192,6 +192,18 @@ def _ident_of(paths) -> set[tuple[int, int]]:
     return out
 
 
+def split_folders(root, subdirs: list, name) -> list:
+    """The train/ val/ test/ folders among DATA's subfolders (`name(d)`: a folder's name); DataError when
+    they stand beside class folders (is "val" a class, or the split?). Local folders and s3:// alike."""
+    splits = [d for d in subdirs if name(d).lower() in SPLITS]
+    others = [name(d) for d in subdirs if name(d).lower() not in SPLITS]
+    if splits and others:
+        raise DataError(f"{root} has {'/, '.join(name(d) for d in splits)}/ beside class folders "
+                        f"({', '.join(others[:3])}{', …' if len(others) > 3 else ''}): is "
+                        f"{name(splits[0])!r} a class? Put the classes under train/ and val/, or rename that folder")
+    return splits
+
+
 def scan(root: str | os.PathLike, exclude=()) -> Dataset:
     """Find the images under `root` and their labels/splits. DataError when there is nothing to use.
 
@@ -208,12 +220,7 @@ def scan(root: str | os.PathLike, exclude=()) -> Dataset:
         p = Path(e.path)
         if p.is_dir() and not is_edgetl_output(p) and _ident_of([p]).isdisjoint(w.dirs):
             subdirs.append(p)
-    splits = [d for d in subdirs if d.name.lower() in SPLITS]
-    others = [d for d in subdirs if d.name.lower() not in SPLITS]
-    if splits and others:
-        raise DataError(f"{root} has {'/, '.join(d.name for d in splits)}/ beside class folders "
-                        f"({', '.join(d.name for d in others[:3])}{', …' if len(others) > 3 else ''}): is "
-                        f"{splits[0].name!r} a class? Put the classes under train/ and val/, or rename that folder")
+    splits = split_folders(root, subdirs, lambda d: d.name)
     items: list[Item] = []
     if splits:
         layout, classes = "split", set()

@@ -24,7 +24,7 @@ import os
 from pathlib import PurePosixPath
 
 from edgetl.data.preprocess import IMAGE_SUFFIXES, read_regular
-from edgetl.data.scan import _IGNORED, SPLITS, Dataset, Item, image_signature
+from edgetl.data.scan import _IGNORED, Dataset, Item, image_signature, split_folders
 from edgetl.errors import DataError, EdgetlError, ImageError
 from edgetl.files import MARKER
 
@@ -340,12 +340,7 @@ class _Lister:
     def dataset(self, tree: _Node) -> Dataset:
         root = self.root
         subdirs = [(n, tree.dirs[n], f"{root}/{n}") for n, is_dir in tree.entries() if is_dir and not tree.dirs[n].marker]
-        splits = [d for d in subdirs if d[0].lower() in SPLITS]
-        others = [d for d in subdirs if d[0].lower() not in SPLITS]
-        if splits and others:
-            raise DataError(f"{root} has {'/, '.join(d[0] for d in splits)}/ beside class folders "
-                            f"({', '.join(d[0] for d in others[:3])}{', …' if len(others) > 3 else ''}): is "
-                            f"{splits[0][0]!r} a class? Put the classes under train/ and val/, or rename that folder")
+        splits = split_folders(root, subdirs, lambda d: d[0])
         items: list[Item] = []
         if splits:
             layout, classes = "split", set()

@@ -78,8 +78,6 @@ def train_head(data, backbone_path, cache_root, out_dir, cfg: HeadConfig, device
     check_parent_writable(out_dir)
     torch_device = None if device == "auto" else ("cuda" if device == "cuda" else "cpu")
     reason, search = "", None
-    if recipe is not None and unfreeze not in ("all", "auto"):
-        raise DataError("--recipe changes full fine-tuning: use it with --unfreeze all (or auto)")
     if unfreeze == "auto":  # measured on the training photos, within the budget
         search = _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, torch_device, val_fraction,
                          weights, train_bn, budget_min, batch_size, log, recipe)
@@ -129,6 +127,7 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
             train_bn, budget_min, batch_size, log, recipe=None) -> dict:
     """--unfreeze auto: try the candidate regimes that fit the budget on an inner split of the training
     photos; returns the chosen regime and the table (see train/search.py)."""
+    import copy
     import time
 
     from edgetl.data.embed import embed_folder
@@ -173,6 +172,7 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
     rows = {c: S.Row(c.name, pr.cost(c, n_images, n_fold_train)) for c in plan}
     final = {c: pr.cost(c, n_images, len(outer.train)) for c in plan}  # its run on all training photos
     last = {}  # candidate → seconds of its latest fold (the estimate of its next)
+    cuts = {}  # "N" → (Cut, its activation maps' embedding result)
     log(f"--unfreeze auto: up to {len(inner)} folds of the {len(outer.train)} training photos, "
         f"budget {budget / 60:.0f} min")
 
@@ -195,12 +195,14 @@ def _search(scanned, backbone, bmeta, backbone_path, cache_root, cfg, device, to
             elif c.unfreeze == "all":
                 fit = _train_all(bmeta, weights, train_bn, export=False, recipe=recipe, **args).fit
             else:
-                cut = _cut(int(c.unfreeze), bmeta, weights, cache_root, n_images * (1 + c.augment), quiet)
-                rt = embed_folder(ds, cut.path, cache_root, device=device, check_space=True)
-                fit = _train_top(cut, rt, train_bn, export=False, **args).fit
+                if c.unfreeze not in cuts:  # the trunk and its activation maps serve every fold
+                    cut = _cut(int(c.unfreeze), bmeta, weights, cache_root, n_images * (1 + S.AUG), quiet)
+                    cuts[c.unfreeze] = cut, embed_folder(ds, cut.path, cache_root, device=device, check_space=True)
+                cut, rt = cuts[c.unfreeze]
+                fresh = dataclasses.replace(cut, stages=copy.deepcopy(cut.stages))  # each fold from pretrained weights
+                fit = _train_top(fresh, rt, train_bn, export=False, **args).fit
         except EdgetlError as e:
-            row.status = f"failed: {e}"
-            row.per_fold, row.folds = [], 0
+            row.fail(str(e))
             return False
         last[c] = time.perf_counter() - started
         row.add(last[c], S.score(fit), len(fold.val))

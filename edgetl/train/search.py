@@ -144,6 +144,12 @@ class Row:
                                                             for j in range(3))
         self.status = "tried"
 
+    def fail(self, why: str) -> None:
+        """A failed run rules the candidate out: its earlier folds are dropped with it."""
+        self.per_fold, self.folds = [], 0
+        self.accuracy = self.balanced_accuracy = self.loss = None
+        self.status = f"failed: {why}"
+
     def key(self, folds: int) -> tuple[float, float]:
         """(mean balanced accuracy, -mean loss) over the first `folds` folds: larger is better."""
         f = self.per_fold[:folds]
