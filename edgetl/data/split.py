@@ -43,8 +43,8 @@ def make_split(ds, keys: list[bytes | None], usable: list[int], val_fraction: fl
             kept = [i for i in val if keys[i] not in seen]
             leaked = len(val) - len(kept)
             if leaked:
-                notes.append(f"{leaked} validation photos are byte-identical to training photos (leakage): "
-                             "left out of the validation score")
+                notes.append(f"{leaked} validation photo{' is' if leaked == 1 else 's are'} byte-identical to training "
+                             "photos (leakage): left out of the validation score")
             return Split(train, kept, "the dataset's own train/ and val/ split", False, notes, leaked)
         usable = train
     return _stratified(ds, keys, usable, val_fraction, seed, notes)
@@ -105,9 +105,11 @@ def _stratified(ds, keys, usable, val_fraction, seed, notes) -> Split:
             train += g
     dups = len(usable) - len(groups)
     if dups:
-        notes.append(f"{dups} photos are byte-identical copies of others: each set of copies stays on one side of the split")
+        notes.append(f"{dups} photo{' is a byte-identical copy' if dups == 1 else 's are byte-identical copies'} of "
+                     "others: each set of copies stays on one side of the split")
     if conflicts:
-        notes.append(f"{conflicts} photos appear byte-identical under two or more classes")
+        notes.append(f"{conflicts} photo{' appears' if conflicts == 1 else 's appear'} byte-identical under two or more "
+                     "classes")
     if single:
         names = ", ".join(repr(c) for c in single[:3]) + (f" and {len(single) - 3} more" if len(single) > 3 else "")
         notes.append(f"class {names} has a single photo: trained on, not validated" if len(single) == 1 else
