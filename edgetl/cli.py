@@ -242,7 +242,7 @@ def _engine(data, device, engine, address, workers, gpus_per_worker, endpoint_ur
               help="The embedding cache folder (content-addressed, shared by every dataset and backbone).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per onnxruntime call [default: 256 on "
-                                                                 "CUDA, 32 on the CPU].")
+                                                                 "CUDA, 8 on the CPU].")
 @click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]),
               help="Where photos are decoded: gpu (nvJPEG via torchvision) needs --device cuda; auto uses it there.")
 @engine_options

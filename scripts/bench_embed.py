@@ -5,12 +5,16 @@
 (`scripts/bench_gpu.py` runs every GPU benchmark, this one's GPU baselines included, in one call.)
 
 DATA is a labelled photo folder (e.g. hymenoptera_data). Prints, in one run:
- 1. first-run throughput of embed_folder vs (a) the bare onnxruntime session on already-decoded
-    batches (the ceiling) and (b) PyTorch eager (torchvision ImageFolder + DataLoader + the same
-    backbone under inference_mode, same threads); rounds interleaved, medians and ratios;
+ 1. first-run throughput of embed_folder (at its own batch size unless --embed-batch) vs (a) the bare
+    onnxruntime session (its default options, one session, batch --batch) on already-decoded batches
+    (the ceiling) and (b) PyTorch eager (torchvision ImageFolder + DataLoader + the same backbone under
+    inference_mode, same threads); rounds interleaved, medians and ratios;
  2. re-run with nothing changed, and after adding 1 % new photos, as a share of the first run;
  3. peak RSS of `edgetl embed` (a subprocess) on 1,000 and on --big images;
- 4. crash test: kill -9 at 5 random moments, re-run each time, compare with a clean run.
+ 4. crash test: kill -9 at 5 random moments, re-run each time, compare with a clean run;
+ 5. host work only: the tiny test backbone (64x64, inference cheap) on --scale-photos photos made
+    from DATA, with 1, 2, … up to twice the cores of reading/decoding threads (`workers`), rounds
+    interleaved, medians and the speed-up over one worker.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_folder import make  # noqa: E402
 
 from edgetl import backbones  # noqa: E402
-from edgetl.data.embed import embed_folder, open_backbone  # noqa: E402
+from edgetl.data.embed import SHARD_ROWS, embed_folder, open_backbone  # noqa: E402
 from edgetl.data.preprocess import load_image  # noqa: E402
 from edgetl.export import torch_onnx as export  # noqa: E402
 
@@ -84,9 +88,11 @@ def main():
     ap.add_argument("data", type=Path)
     ap.add_argument("--big", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32, help="the bare session's batch (32: its fastest here)")
+    ap.add_argument("--embed-batch", type=int, default=None, help="embed's batch [default: its own]")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,rerun,rss,crash")
+    ap.add_argument("--scale-photos", type=int, default=2000)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,rerun,rss,crash,workers")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     threads = os.cpu_count() or 1
@@ -95,14 +101,15 @@ def main():
     onnx_path = work / "backbone.onnx"
     export.export_backbone(bb, onnx_path)
     files = sorted(p for p in a.data.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    print(f"{len(files)} photos in {a.data}, {threads} threads, EfficientNet-Lite0, batch {a.batch}")
+    print(f"{len(files)} photos in {a.data}, {threads} threads, EfficientNet-Lite0, bare session at batch {a.batch}, "
+          f"embed at {a.embed_batch or 'its default'}")
 
     if "throughput" not in skip:
         arrays = [load_image(f, bb.spec) for f in files]
         rows = {"edgetl embed": [], "ceiling": [], "pytorch": []}
         for r in range(a.rounds):
             shutil.rmtree(work / "cache", ignore_errors=True)
-            res = embed_folder(a.data, onnx_path, work / "cache", batch_size=a.batch, device=a.device)
+            res = embed_folder(a.data, onnx_path, work / "cache", batch_size=a.embed_batch, device=a.device)
             rows["edgetl embed"].append(len(files) / res.seconds)
             rows["ceiling"].append(len(files) / ceiling(onnx_path, arrays, a.batch, a.device))
             sec, n = torch_baseline(a.data, bb, a.batch, threads)
@@ -156,12 +163,12 @@ def main():
         for _ in range(5):
             before = set(cache.glob("*/shard-*.npz"))
             done = sum(int(np.load(s)["keys"].shape[0]) for s in before)
-            target = rng.randint(1, max(1, (total - done) // 8 - 1))  # a random moment within this run
+            target = rng.randint(1, max(1, (total - done) // SHARD_ROWS - 1))  # a random moment within this run
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             while proc.poll() is None and len(set(cache.glob("*/shard-*.npz")) - before) < target:
                 time.sleep(0.002)
             time.sleep(rng.uniform(0, 0.05))
-            moments.append(f"after {target} batches{'' if proc.poll() is None else ' (had finished)'}")
+            moments.append(f"after {target} shards{'' if proc.poll() is None else ' (had finished)'}")
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         final = embed_folder(a.data, onnx_path, cache)
@@ -171,6 +178,22 @@ def main():
         diff = float(np.abs(ea - eb).max())
         print(f"4. crash test: kill -9 at {', '.join(moments)}; final run embedded {final.new} more; "
               f"keys equal: {same}; max abs diff {diff:.1e} (target <= 1e-5)")
+
+    if "workers" not in skip:
+        tiny = work / "tiny.onnx"
+        export.export_backbone(backbones.get("tiny_test"), tiny)
+        folder = make(a.data, work / "scale", a.scale_photos)
+        counts = sorted({1, *range(2, threads + 1), threads + 1, 2 * threads})
+        speed: dict[int, list[float]] = {n: [] for n in counts}
+        for _ in range(a.rounds):
+            for n in counts:
+                shutil.rmtree(work / "tiny-cache", ignore_errors=True)
+                res = embed_folder(folder, tiny, work / "tiny-cache", workers=n, device=a.device)
+                speed[n].append(a.scale_photos / res.seconds)
+        med = {n: statistics.median(v) for n, v in speed.items()}
+        print(f"5. host work only (tiny test backbone, {a.scale_photos} photos), img/s by workers: "
+              + ", ".join(f"{n}: {med[n]:.0f} ({med[n] / med[1]:.2f}x)" for n in counts)
+              + f" ({threads} cores; target: grows up to the cores)")
     shutil.rmtree(work, ignore_errors=True)
 
 

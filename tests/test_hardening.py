@@ -225,6 +225,30 @@ def test_lying_backbone_gets_its_own_namespace(tmp_path, make_dataset, tiny_onnx
     assert lied.namespace.dir != real.namespace.dir and lied.new == 2
 
 
+
+def test_graph_hash_reads_the_graph_not_the_metadata(tmp_path, tiny_onnx):
+    """The cache's graph hash is the graph's own bytes: onnx's serialisation of the parsed graph, unmoved
+    by metadata, moved by any weight; a file that is not a model is a ModelError."""
+    from edgetl.data.embed import graph_sha256
+    from edgetl.errors import ModelError
+
+    model = onnx.load(str(tiny_onnx))
+    assert graph_sha256(tiny_onnx) == hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+    model.metadata_props.add(key="note", value="x" * 1000)
+    onnx.save(model, str(tmp_path / "more_meta.onnx"))
+    assert graph_sha256(tmp_path / "more_meta.onnx") == graph_sha256(tiny_onnx)
+    w = model.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] += 1
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    onnx.save(model, str(tmp_path / "other_weights.onnx"))
+    assert graph_sha256(tmp_path / "other_weights.onnx") != graph_sha256(tiny_onnx)
+    for i, junk in enumerate([b"", b"\xff" * 12, b"not a model", tiny_onnx.read_bytes()[:5000]]):
+        (tmp_path / f"junk{i}.onnx").write_bytes(junk)
+        with pytest.raises(ModelError, match="cannot read its graph"):
+            graph_sha256(tmp_path / f"junk{i}.onnx")
+
+
 # 7. two writers
 
 def test_two_concurrent_embeds_with_compaction(tmp_path, make_dataset, tiny_onnx):

@@ -65,6 +65,23 @@ def providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def physical_cores() -> int:
+    """The cores this process may run on, a core's hyper-threads counted once (as onnxruntime counts
+    them for its default thread count); every allowed CPU where the topology cannot be read."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
 # The CUDA provider's own defaults (cuDNN's fastest algorithm searched once per input shape), measured best
 # for long runs (`run`: 966 img/s at batch 1 on an H200). Short jobs (`embed`, one session per call) ask for
 # HEURISTIC: 0.55 s instead of 1.57 s to the first batch, 6 % slower after. prefer_nhwc was faster on bare
