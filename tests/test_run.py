@@ -240,3 +240,31 @@ def test_window_mode_on_a_virtual_display(model_path, video, tmp_path):
     lines = r.stderr.splitlines()
     assert r.stdout == "" and len(lines) == 2 and "QFontDatabase" not in r.stderr, r.stderr
     assert lines[0].startswith(f"model {model_path} (2 classes") and lines[1].startswith("6 frames in ")
+
+
+def test_files_run_on_sessions_side_by_side_in_frame_order(model_path, video, monkeypatch):
+    """A video on the CPU: frames on single-thread sessions side by side, reported in frame order and
+    exactly as one session reports them; --max-frames still counts."""
+    import io
+
+    from edgetl.deploy import runtime as rt
+
+    path, _ = video
+    model = runtime.load_model(model_path, "cpu", spin=False)
+    real = rt.session
+
+    def lines(cores, max_frames=None):
+        monkeypatch.setattr(rt, "physical_cores", lambda: cores)
+        made = []
+        monkeypatch.setattr(rt, "session", lambda *a, **k: made.append(a) or real(*a, **k))
+        out = io.StringIO()
+        s = live.run(model, source=str(path), headless=True, out=out, max_frames=max_frames)
+        return [json.loads(x) for x in out.getvalue().splitlines()], made, s
+
+    one, made1, s1 = lines(1)
+    three, made3, s3 = lines(3)
+    assert made1 == [] and len(made3) == 3 and all(a[1:3] == ("cpu", 1) for a in made3)
+    assert [r["frame"] for r in three] == list(range(12)) and s3.frames == 12 and s3.ended == "end of source"
+    assert [(r["label"], r["top"]) for r in three] == [(r["label"], r["top"]) for r in one]
+    first5, _, s5 = lines(3, max_frames=5)
+    assert [r["frame"] for r in first5] == list(range(5)) and s5.frames == 5
