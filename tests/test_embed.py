@@ -92,6 +92,34 @@ def test_sessions_side_by_side_give_the_same_cache(tmp_path, make_dataset, tiny_
     again = embed_folder(data, tiny_onnx, tmp_path / "broken", device="cpu", threads=1, batch_size=4)
     assert again.new + again.reused == 71 and len(entries(again.namespace)) == 71
 
+
+def test_a_backbone_replaced_during_embed_is_refused(tmp_path, make_dataset, tiny_onnx, monkeypatch):
+    """The sessions made after the first run the graph that was checked, or the run stops: a file
+    swapped meanwhile never lands in the cache under the first one's namespace."""
+    import onnx
+
+    from edgetl.data import embed as embed_mod
+
+    data = make_dataset({"a": 12, "b": 12})
+    path = tmp_path / "backbone.onnx"
+    shutil.copy(tiny_onnx, path)
+    other = onnx.load(str(tiny_onnx))
+    w = other.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] += 1
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    real_open = embed_mod.open_backbone
+
+    def open_then_swap(p, *a, **k):
+        out = real_open(p, *a, **k)
+        onnx.save(other, str(path))
+        return out
+
+    monkeypatch.setattr(embed_mod, "open_backbone", open_then_swap)
+    with pytest.raises(ModelError, match="changed while it was being used"):
+        embed_folder(data, path, tmp_path / "cache", device="cpu", threads=2, batch_size=4)
+    assert not list((tmp_path / "cache").glob("*/shard-*.npz"))
+
 def test_backbones_never_share_a_namespace(tmp_path, make_dataset, tiny_onnx, tiny_backbone):
     import torch
 
