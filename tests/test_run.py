@@ -268,3 +268,19 @@ def test_files_run_on_sessions_side_by_side_in_frame_order(model_path, video, mo
     assert [(r["label"], r["top"]) for r in three] == [(r["label"], r["top"]) for r in one]
     first5, _, s5 = lines(3, max_frames=5)
     assert [r["frame"] for r in first5] == list(range(5)) and s5.frames == 5
+
+
+def test_a_model_replaced_before_the_lanes_load_is_refused(model_path, video, tiny_onnx, tmp_path, monkeypatch):
+    import io
+
+    from edgetl.deploy import runtime as rt
+    from edgetl.errors import ModelError
+
+    path, _ = video
+    copy = tmp_path / "model.onnx"
+    shutil.copy(model_path, copy)
+    model = runtime.load_model(copy, "cpu", spin=False)
+    shutil.copy(tiny_onnx, copy)  # another file under the same name, after the checks
+    monkeypatch.setattr(rt, "physical_cores", lambda: 2)
+    with pytest.raises(ModelError, match="changed while it was being loaded"):
+        live.run(model, source=str(path), headless=True, out=io.StringIO())

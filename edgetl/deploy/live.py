@@ -353,7 +353,11 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
     stats = collections.defaultdict(float)
     n, ended, code, t_begin = 0, "end of source", 0, time.perf_counter()
     fps_window: collections.deque = collections.deque(maxlen=30)
-    runners = [model.frame_runner()] if latest_only else _lanes(model)
+    try:
+        runners = [model.frame_runner()] if latest_only else _lanes(model)
+    except BaseException:
+        cap.stop()
+        raise
     if collect is not None:
         collect.start(f"camera {camera}" if camera is not None else str(source), timed=kind != "files")
     cap.start()
@@ -420,13 +424,20 @@ def _lanes(model) -> list:
     interleaved rounds: 0.87 of the bare 2-thread session's frames per second instead of 0.78, and
     steady, 167-177 FPS where one session swung between 110 and 161). A camera or a stream keeps the
     one session: its newest frame, soonest."""
-    from edgetl.deploy.runtime import physical_cores, session
+    from edgetl.deploy.runtime import physical_cores, read_metadata, session
+    from edgetl.errors import ModelError
 
     n = min(physical_cores(), LANES_MAX)
     if model.provider != "CPUExecutionProvider" or n < 2:
         return [model.frame_runner()]
-    return [dataclasses.replace(model, session=session(model.path, "cpu", 1, spin=False)).frame_runner()
-            for _ in range(n)]
+    try:
+        blob = Path(model.path).read_bytes()  # once: every lane runs the same file
+    except OSError as e:
+        raise ModelError(f"{model.path}: {e.strerror}") from None
+    sessions = [session(blob, "cpu", 1, spin=False) for _ in range(n)]
+    if read_metadata(sessions[0]) != model.metadata:
+        raise ModelError(f"{model.path} changed while it was being loaded; run again")
+    return [dataclasses.replace(model, session=s).frame_runner() for s in sessions]
 
 
 def _inferred(cap: Capture, runners: list, max_frames: int | None):
