@@ -25,7 +25,7 @@ from edgetl.data.cache import Namespace, image_key, open_for_backbone
 from edgetl.data.pipeline import prefetch_map
 from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image, read_regular, view_seed
 from edgetl.data.scan import Dataset
-from edgetl.deploy.runtime import check_io, read_metadata, session
+from edgetl.deploy.runtime import check_io, cpu_sessions, model_bytes, read_metadata, session
 from edgetl.errors import CacheError, ImageError, ModelError
 
 
@@ -297,22 +297,6 @@ class _Sink:
 
 
 SHARD_ROWS = 32  # photos per cache shard at least (the last one of a run may hold fewer)
-CPU_SESSIONS_MAX = 8  # each holds its own buffers (~150 MB at batch 8 for EfficientNet-Lite0)
-
-
-def cpu_sessions(threads: int | None) -> tuple[int, int]:
-    """(sessions, threads each) for inference on the CPU: `threads` in all (None: the physical cores).
-
-    Several sessions with one thread each, every one running its own batch, beat one session whose
-    threads split every layer: no thread waits for another at each layer (with decoding sharing the
-    cores, for whichever a decoder preempted). Measured on 2 cores (EfficientNet-Lite0, photos decoded
-    beside it): 0.93 of the bare 2-thread session's speed instead of 0.87. At most CPU_SESSIONS_MAX
-    sessions, more threads each beyond that."""
-    from edgetl.deploy.runtime import physical_cores
-
-    total = threads or physical_cores()
-    n = max(1, min(total, CPU_SESSIONS_MAX))
-    return n, max(1, total // n)
 
 
 def default_batch_size(provider: str) -> int:
@@ -399,7 +383,8 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     pending: list = []
     batch_seen: set[bytes] = set()
     stages = {"gpu decode": 0.0, "inference": 0.0}
-    # On the CPU, from a second batch on: single-thread sessions side by side (see cpu_sessions)
+    # On the CPU, from a second batch on: single-thread sessions side by side (see runtime.cpu_sessions;
+    # measured on 2 cores, photos decoded beside them: 0.93 of the bare 2-thread session's speed, not 0.87)
     n_sessions, session_threads = cpu_sessions(threads) if provider == "CPUExecutionProvider" else (1, threads)
     n_sessions = min(n_sessions, -(-len(work) // batch_size))  # at most one per batch that may need one
     more = None
@@ -487,10 +472,7 @@ def _gpu_decoder(decode: str, provider: str, view: str, spec: Spec):
 
 def _read_backbone(path, sha: str) -> bytes:
     """The backbone file's bytes, if its graph is still the one whose hash keys the cache."""
-    try:
-        blob = Path(path).read_bytes()
-    except OSError as e:
-        raise ModelError(f"{path}: {e.strerror}") from None
+    blob = model_bytes(path)
     if graph_sha256(blob) != sha:
         raise ModelError(f"{path} changed while it was being used; run again")
     return blob

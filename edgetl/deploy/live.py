@@ -414,27 +414,20 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
                       str(saved) if saved else None, ended, code)
 
 
-LANES_MAX = 8
-
-
 def _lanes(model) -> list:
     """Frame runners for a file or a folder, where every frame is wanted and throughput counts: on a CPU
-    with several cores, single-thread sessions side by side, each on its own frame (at batch 1, the
-    threads of one session wait for each other at every layer; measured on 2 cores, medians of 7
-    interleaved rounds: 0.87 of the bare 2-thread session's frames per second instead of 0.78, and
-    steady, 167-177 FPS where one session swung between 110 and 161). A camera or a stream keeps the
-    one session: its newest frame, soonest."""
-    from edgetl.deploy.runtime import physical_cores, read_metadata, session
+    with several cores, single-thread sessions side by side, each on its own frame (runtime.cpu_sessions;
+    measured on 2 cores, medians of 7 interleaved rounds: 0.87 of the bare 2-thread session's frames per
+    second instead of 0.78, and steady, 167-177 FPS where one session swung between 110 and 161). A
+    camera or a stream keeps the one session: its newest frame, soonest."""
+    from edgetl.deploy.runtime import cpu_sessions, model_bytes, read_metadata, session
     from edgetl.errors import ModelError
 
-    n = min(physical_cores(), LANES_MAX)
+    n, threads = cpu_sessions()
     if model.provider != "CPUExecutionProvider" or n < 2:
         return [model.frame_runner()]
-    try:
-        blob = Path(model.path).read_bytes()  # once: every lane runs the same file
-    except OSError as e:
-        raise ModelError(f"{model.path}: {e.strerror}") from None
-    sessions = [session(blob, "cpu", 1, spin=False) for _ in range(n)]
+    blob = model_bytes(model.path)  # once: every lane runs the same file
+    sessions = [session(blob, "cpu", threads, spin=False) for _ in range(n)]
     if read_metadata(sessions[0]) != model.metadata:
         raise ModelError(f"{model.path} changed while it was being loaded; run again")
     return [dataclasses.replace(model, session=s).frame_runner() for s in sessions]

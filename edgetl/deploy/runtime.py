@@ -82,6 +82,29 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+CPU_SESSIONS_MAX = 8  # each holds its own buffers (~150 MB at batch 8 for EfficientNet-Lite0)
+
+
+def cpu_sessions(threads: int | None = None) -> tuple[int, int]:
+    """(sessions, threads each) for work that runs sessions side by side on the CPU (`embed`'s batches,
+    `run`'s frames of a file): `threads` in all (None: the physical cores).
+
+    Several sessions with one thread each, every one on its own batch or frame, beat one session whose
+    threads split every layer: no thread waits for another at each layer (nor for one that a decoder
+    preempted). At most CPU_SESSIONS_MAX sessions, more threads each beyond that."""
+    total = threads or physical_cores()
+    n = max(1, min(total, CPU_SESSIONS_MAX))
+    return n, max(1, total // n)
+
+
+def model_bytes(path: str | os.PathLike) -> bytes:
+    """A model file's bytes, read once so that sessions made from them all run the same graph."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ModelError(f"{path}: {e.strerror}") from None
+
+
 # The CUDA provider's own defaults (cuDNN's fastest algorithm searched once per input shape), measured best
 # for long runs (`run`: 966 img/s at batch 1 on an H200). Short jobs (`embed`, one session per call) ask for
 # HEURISTIC: 0.55 s instead of 1.57 s to the first batch, 6 % slower after. prefer_nhwc was faster on bare
