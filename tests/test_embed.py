@@ -45,6 +45,9 @@ def test_duplicate_photos_are_embedded_once(tmp_path, make_dataset, tiny_onnx):
     shutil.copy(data / "a" / "img_000.jpg", data / "a" / "copy.jpg")
     r = embed_folder(data, tiny_onnx, tmp_path / "cache")
     assert (r.new, r.reused) == (3, 1) and len(set(r.keys)) == 3
+    one_by_one = embed_folder(data, tiny_onnx, tmp_path / "cache1", batch_size=1)  # the copy in a later batch
+    assert (one_by_one.new, one_by_one.reused) == (3, 1) and one_by_one.keys == r.keys
+    assert sum(int(np.load(s)["keys"].shape[0]) for s in one_by_one.namespace.dir.glob("shard-*.npz")) == 3
 
 
 def test_cached_embeddings_equal_a_direct_run(tmp_path, make_dataset, tiny_onnx):

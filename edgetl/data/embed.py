@@ -381,7 +381,7 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     pending_idx: list[int] = []
     pending_keys: list[bytes] = []
     pending: list = []
-    batch_seen: set[bytes] = set()
+    seen: set[bytes] = set()  # keys embedded in this run: a copy in a later batch is not embedded again
     stages = {"gpu decode": 0.0, "inference": 0.0}
     # On the CPU, from a second batch on: single-thread sessions side by side (see runtime.cpu_sessions;
     # measured on 2 cores, photos decoded beside them: 0.93 of the bare 2-thread session's speed, not 0.87)
@@ -420,7 +420,6 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
         else:
             sink.put(pending_keys, np.stack(pending))
         pending_idx, pending_keys, pending = [], [], []
-        batch_seen.clear()
 
     read = functools.partial(_read, spec=spec, known=known, view=view, decode=on_gpu is None, index=index,
                              read=src.read if src.remote else read_regular)
@@ -428,7 +427,7 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
         for (idx, path, _, _), (key, arr, err) in prefetch_map(read, work, workers, window=max(2 * batch_size, 64)):
             if err:
                 skipped.append((path, err))
-            elif arr is None or key in known or key in batch_seen:  # cached, or a duplicate photo
+            elif arr is None or key in known or key in seen:  # cached, or a duplicate photo
                 keys[idx] = key
                 reused += 1
             else:
@@ -436,7 +435,7 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
                 pending_idx.append(idx)
                 pending_keys.append(key)
                 pending.append(arr)
-                batch_seen.add(key)
+                seen.add(key)
                 new += 1
                 if len(pending_keys) >= batch_size:
                     flush()
