@@ -96,6 +96,20 @@ def test_self_links_and_links_across_classes(tmp_path, make_dataset, tiny_onnx):
     assert scan_mod.scan(data).counts() == {"a": 3, "b": 4}
 
 
+def test_links_among_class_folders_of_a_split_are_not_classes(tmp_path, make_dataset):
+    """train/loop -> .. (the folder holding train/ and val/) and val/a_again -> ../train/a are links to
+    folders already read: no class "loop", no val photos filed as training ones, a note."""
+    root = tmp_path / "d"
+    make_dataset({"a": 3, "b": 3}, root=root, split="train")
+    make_dataset({"a": 1, "b": 1}, root=root, split="val", seed=3)
+    os.symlink("..", root / "train" / "loop")
+    os.symlink("../train/a", root / "val" / "a_again")
+    ds = scan_mod.scan(root)
+    assert ds.classes == ["a", "b"]
+    assert ds.counts("train") == {"a": 3, "b": 3} and ds.counts("val") == {"a": 1, "b": 1}
+    assert any("2 links to folders or files already scanned were not followed again" in n for n in ds.notes)
+
+
 # 3. special files are never opened
 
 def test_fifo_as_source_or_photo_never_blocks(trained, tmp_path):

@@ -224,8 +224,9 @@ def scan(root: str | os.PathLike, exclude=()) -> Dataset:
     items: list[Item] = []
     if splits:
         layout, classes = "split", set()
-        for sd in splits:
+        for sd in splits:  # every split folder is known before any class folder (or a link to one) is read
             w.claim_dir(sd)
+        for sd in splits:
             inside = [Path(e.path) for e in w.entries(sd)]
             class_dirs = [p for p in inside if p.is_dir()]
             loose = [p for p in inside if not p.is_dir() and looks_like_image(p)]
@@ -263,8 +264,13 @@ def _classes(w: _Walker, class_dirs: list[Path]) -> list[tuple[str, list[Path]]]
     """(class name, images) per class folder: real entries of every class first, links after, so a
     link into another class's folder never files its photos under the wrong label. A folder that
     only holds edgetl's own output is not a class."""
+    claimed = []
     for d in class_dirs:  # every class folder is known before any link is followed
-        w.claim_dir(d)
+        if w.claim_dir(d):
+            claimed.append(d)
+        else:  # a link to a folder already read (the root, a split folder, another class)
+            w.skipped_links += 1
+    class_dirs = claimed
     pending: dict[Path, list] = {}
     found: dict[Path, list[Path]] = {}
     passed: dict[Path, bool] = {}
