@@ -22,12 +22,15 @@ import importlib.util
 import io
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Callable
 
-from edgetl.data.preprocess import Spec
-from edgetl.errors import UnknownBackbone, WeightsUnavailable
+from edgetl import contract as C
+from edgetl.errors import ModelError, UnknownBackbone, WeightsUnavailable
+from edgetl.export.torch_onnx import export_backbone
+from edgetl.spec import Spec
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 GRAPH_VERSION = "pooled/v1"  # bump when the exported graph changes meaning (invalidates caches)
@@ -380,8 +383,6 @@ EXPORTS = Path("exports") / "backbones"
 
 def exported_path(name: str, weights: str | None = None, root: str | os.PathLike = EXPORTS) -> Path:
     """Where `edgetl export-backbone --backbone NAME [--weights FILE]` writes by default."""
-    import re
-
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     if weights:
         try:
@@ -394,9 +395,6 @@ def exported_path(name: str, weights: str | None = None, root: str | os.PathLike
 def exported(value: str, weights: str | None = None, root: str | os.PathLike = EXPORTS, log=print) -> Path:
     """--backbone NAME|FILE → an exported backbone file. A name whose file is missing is exported now
     (saying so in one line); a file must exist. ModelError / UnknownBackbone otherwise."""
-    from edgetl import contract as C
-    from edgetl.errors import ModelError
-
     p = Path(value)
     if p.suffix.lower() == ".onnx" or os.sep in value or p.is_file():
         if not p.is_file():
@@ -416,7 +414,6 @@ def exported(value: str, weights: str | None = None, root: str | os.PathLike = E
                              "the file itself")
         return out
     backbone = get(value, weights)  # an unknown name fails here, before anything is written
-    from edgetl.export.torch_onnx import export_backbone
 
     log(f"exporting backbone {value} to {out} (first use; it is checked against PyTorch)")
     export_backbone(backbone, out)

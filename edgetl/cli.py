@@ -108,7 +108,7 @@ def q(path) -> str:
 
 def say(line: str) -> None:
     """A progress or note line (stderr), control characters escaped."""
-    from edgetl.quality.report import safe
+    from edgetl.quality.metrics import safe
 
     click.echo(safe(line), err=True)
 
@@ -180,6 +180,18 @@ def _backbone_file(value: str, weights: str | None) -> str:
     return str(backbones.exported(value, weights, log=say))
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan compares false with every bound, so a range let it in)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
 class DataPath(click.Path):
     """DATA: a local photo folder (it must exist), or s3://bucket/prefix (taken as it is)."""
 
@@ -201,7 +213,7 @@ def engine_options(f):
                                        "ray://HOST:10001 [default: a new local one for this run]."),
         click.option("--workers", type=click.IntRange(1), help="--engine ray: workers, each with one onnxruntime "
                                                                 "session [default: one per CPU, or per GPU share]."),
-        click.option("--gpus-per-worker", default=0.0, type=click.FloatRange(0), help="--engine ray: GPUs per worker "
+        click.option("--gpus-per-worker", default=0.0, type=FiniteRange(0), help="--engine ray: GPUs per worker "
                      "(0.5: two share one); above 0 onnxruntime runs on CUDA in the workers [default: 0, CPU]."),
         click.option("--endpoint-url", help="An S3-compatible store for s3:// DATA (MinIO, Ceph…) "
                                             "[default: $AWS_ENDPOINT_URL, else AWS]."),
@@ -284,29 +296,29 @@ def report_embed(r) -> None:
 @click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]),
               help="linear: a new softmax; mlp: hidden layers, then a softmax.")
 @click.option("--hidden", default="512", show_default=True, help="Hidden layer sizes for --head mlp, e.g. 512,256.")
-@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.95),
+@click.option("--dropout", default=0.2, show_default=True, type=FiniteRange(0, 0.95),
               help="Dropout after each hidden layer (--head mlp).")
 @click.option("--epochs", default=300, show_default=True, type=click.IntRange(1),
               help="At most this many epochs; early stopping usually ends sooner.")
 @click.option("--patience", default=20, show_default=True, type=click.IntRange(1),
               help="Stop after this many epochs without a better (class-balanced) validation loss.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--lr", default=1e-3, show_default=True, type=FiniteRange(0, min_open=True),
               help="Learning rate of the head (the backbone's blocks, when unfrozen, get a tenth of it).")
-@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(0), help="AdamW weight decay.")
-@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+@click.option("--weight-decay", default=1e-4, show_default=True, type=FiniteRange(0), help="AdamW weight decay.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=FiniteRange(0, 0.5),
               help="Share of each target spread evenly over all classes (0 turns it off).")
 @click.option("--balance", default="weighted", show_default=True, type=click.Choice(["weighted", "sampler", "none"]),
               help="Classes of different sizes: weighted loss (every class weighs the same), class-balanced "
                    "batches, or none.")
 @click.option("--no-class-weights", "no_class_weights", is_flag=True, hidden=True, help="Same as --balance none.")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
+@click.option("--val-fraction", default=0.2, show_default=True, type=FiniteRange(0.05, 0.5),
               help="Share of each class kept for validation, when DATA has no val/ folder.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split and of training.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--unfreeze", default="0", show_default=True,
               help="Final backbone blocks to train: 0 (head only), N, all (full fine-tuning) or auto (tried on the "
                    "training photos within --budget; it also decides --head and --augment).")
-@click.option("--budget", type=click.FloatRange(0.5), help="Minutes for --unfreeze auto [default: 5 on a GPU, 10 on "
+@click.option("--budget", type=FiniteRange(0.5), help="Minutes for --unfreeze auto [default: 5 on a GPU, 10 on "
                                                            "a CPU].")
 @click.option("--augment", default=0, show_default=True, type=click.IntRange(0, 32),
               help="Cache K augmented views of each training image (with --unfreeze all: augment online).")
@@ -314,18 +326,23 @@ def report_embed(r) -> None:
 @click.option("--recipe", help="Extra steps of full fine-tuning (--unfreeze all), comma list: warmup[=0.1], "
                                "ema[=0.99], mixup[=0.2], cutmix[=1.0], trivialaugment, llrd[=0.7] [default: none; "
                                "none measured better on the sample datasets].")
+@click.option("--features", default="last", show_default=True, type=click.Choice(["last", "multi"]),
+              help="What the head reads: last = the backbone's embedding; multi = pooled outputs of several depths "
+                   "of the frozen backbone as well (Head-to-Toe), the depths chosen on the training photos "
+                   "(--unfreeze 0; auto tries it on its own).")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx for CPUs, through the gate of `edgetl quantize` "
                                            "(only when measured no worse and faster on the validation photos).")
 @engine_options
-def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout, epochs, patience, lr, weight_decay,
-                   label_smoothing, balance, no_class_weights, val_fraction, seed, device, unfreeze, budget, augment,
-                   train_bn, recipe, int8, engine, address, workers, gpus_per_worker, endpoint_url):
+def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, unfreeze, recipe, features, int8,
+                   no_class_weights, engine, address, workers, gpus_per_worker, endpoint_url, **training):
     """Embed DATA (only new photos), train a head on the cached embeddings, and fuse backbone and head
     into one model.onnx, verified against the chained pair on every validation photo. Also writes
     metrics.json, MODEL_CARD.md, confusion.png, curves.png (and split.json when it made the split)."""
-    from edgetl.quality import report
+    from edgetl.quality import metrics as M
+    from edgetl.train.finetune import Recipe
     from edgetl.train.heads import HeadConfig
-    from edgetl.train.orchestrate import default_out, train_head
+    from edgetl.train.orchestrate import train_head
+    from edgetl.train.request import TrainRequest, default_out
 
     try:
         sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
@@ -334,32 +351,35 @@ def train_head_cmd(data, backbone, weights, cache, output, kind, hidden, dropout
     if unfreeze not in ("all", "auto") and not unfreeze.isdigit():
         raise click.BadParameter(f"{unfreeze!r}: use 0, a number of blocks, all or auto", param_hint="--unfreeze")
     if recipe is not None:
-        from edgetl.train.finetune import Recipe
-
         try:
             recipe = Recipe.parse(recipe)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--recipe") from None
         if unfreeze not in ("all", "auto"):
             raise click.UsageError("--recipe changes full fine-tuning: use it with --unfreeze all (or auto)")
-    cfg = HeadConfig(kind=kind, hidden=sizes, dropout=dropout, lr=lr, weight_decay=weight_decay,
-                     label_smoothing=label_smoothing, balance="none" if no_class_weights else balance,
-                     max_epochs=epochs, patience=patience, seed=seed)
-    eng = _engine(data, device, engine, address, workers, gpus_per_worker, endpoint_url)
+    t = training
+    cfg = HeadConfig(kind=kind, hidden=sizes, dropout=t["dropout"], lr=t["lr"], weight_decay=t["weight_decay"],
+                     label_smoothing=t["label_smoothing"], balance="none" if no_class_weights else t["balance"],
+                     max_epochs=t["epochs"], patience=t["patience"], seed=t["seed"])
+    eng = _engine(data, t["device"], engine, address, workers, gpus_per_worker, endpoint_url)
     if int8 and str(data).startswith("s3://"):
         raise click.UsageError("--int8 reads a local photo folder: run `edgetl quantize MODEL --data FOLDER` on a copy")
-    path = _backbone_file(backbone, weights)
-    s = train_head(data, path, cache, output or default_out(data), cfg, device=device, val_fraction=val_fraction,
-                   unfreeze=unfreeze, augment=augment, train_bn=train_bn, weights=weights, int8=int8,
-                   budget_min=budget, recipe=recipe, log=say, engine=eng)
-    m = s["metrics"]
-    model = s["out"] / "model.onnx"
+    if features == "multi" and unfreeze not in ("0", "auto"):
+        raise click.UsageError("--features multi trains a head on frozen features: use it with --unfreeze 0 (or auto)")
+    req = TrainRequest(data, _backbone_file(backbone, weights), cache, output or default_out(data), cfg,
+                       features=features,
+                       device=t["device"], val_fraction=t["val_fraction"], unfreeze=unfreeze, augment=t["augment"],
+                       train_bn=t["train_bn"], weights=weights, int8=int8, budget_min=t["budget"], recipe=recipe,
+                       engine=eng)
+    res = train_head(req, log=say)
+    s, m = res.summary, res.metrics
+    model = res.out / "model.onnx"
     click.echo(f"wrote {model} ({s['regime']}): {len(m['classes'])} classes, "
-               + (f"val {report.headline(m)}" if m["n"] else "no validation photos (accuracy not measured)")
+               + (f"val {M.headline(m)}" if m["n"] else "no validation photos (accuracy not measured)")
                + f"; fused vs chained max abs diff {s['fuse_max_abs_diff']:.1e}")
     if s.get("int8", {}).get("written"):
-        click.echo(f"wrote {s['out'] / 'model.int8.onnx'}: {s['int8']['line']}")
-    for line in s["warnings"]:
+        click.echo(f"wrote {res.out / 'model.int8.onnx'}: {s['int8']['line']}")
+    for line in res.warnings:
         say(f"warning: {line}")
     click.echo(f"next: edgetl run --model {q(model)} --camera 0")
 
@@ -392,7 +412,9 @@ def fuse_cmd(backbone, head, output, check_images):
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime threads for the latency [default: its choice].")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Where sweep.json and sweep.png go [default: exports/sweep-<DATA name>].")
-def sweep(data, names, cache, kind, device, threads, output):
+@click.option("--features", default="last", show_default=True, type=click.Choice(["last", "multi"]),
+              help="What the heads read: the embedding, or pooled outputs of several depths (as train-head --features).")
+def sweep(data, names, cache, kind, device, threads, output, features):
     """For each backbone: validation accuracy of a head trained on its cached embeddings (the same
     split for all), and batch-1 latency on this machine (interleaved); a table, a PNG scatter with the
     Pareto front, and the recommended backbone with its reason."""
@@ -403,7 +425,7 @@ def sweep(data, names, cache, kind, device, threads, output):
     backbones_ = [n.strip() for n in names.split(",") if n.strip()]
     if not backbones_:
         raise click.BadParameter("no backbone named", param_hint="--backbones")
-    r = sw.sweep(data, backbones_, cache, head=kind, device=device, threads=threads, log=say)
+    r = sw.sweep(data, backbones_, cache, head=kind, device=device, threads=threads, log=say, features=features)
     out = sw.write(r, output or Path("exports") / f"sweep-{Path(data).resolve().name}")
     click.echo(sw.table(r))
     click.echo(f"recommended: {r['recommended']} ({r['reason']}); wrote {out / 'sweep.png'}")
@@ -428,21 +450,23 @@ def evaluate(model, data, split, device, as_json, html_path):
     """Accuracy, balanced accuracy, per-class metrics and confusion matrix of MODEL on DATA, from
     model.onnx alone (no torch, no cache)."""
     from edgetl.deploy import runtime
-    from edgetl.quality import report
+    from edgetl.quality import metrics as M
 
     rows = [] if html_path else None
-    m, skipped, sel = runtime.evaluate(runtime.load_model(model, device), data, split, rows=rows)
+    loaded = runtime.load_model(model, device)
+    m, skipped, sel = runtime.evaluate(loaded, data, split, rows=rows)
+    warnings = M.warnings(m) + runtime.training_warnings(loaded)
     if html_path:
         from edgetl.quality import html
 
-        html.write_page(html_path, html.evaluation_page(m, rows, sel.note, model, data, report.warnings(m), len(skipped)))
+        html.write_page(html_path, html.evaluation_page(m, rows, sel.note, model, data, warnings, len(skipped)))
         say(f"wrote {html_path}")
     if as_json:
-        click.echo(report.dumps({**m, "scored": sel.note, "trained_on": sel.trained_on}))
+        click.echo(M.dumps({**m, "scored": sel.note, "trained_on": sel.trained_on}))
     else:
-        lines = report.text(m).split("\n")
-        click.echo("\n".join([lines[0], f"scored: {report.safe(sel.note)}"] + lines[1:]))
-        for line in report.warnings(m):
+        lines = M.text(m).split("\n")
+        click.echo("\n".join([lines[0], f"scored: {M.safe(sel.note)}"] + lines[1:]))
+        for line in warnings:
             say(f"warning: {line}")
     if skipped:
         say(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][1]}")
@@ -462,7 +486,7 @@ def predict(model, paths, top_k, fmt, device):
     import csv
 
     from edgetl.deploy import runtime
-    from edgetl.quality.report import json_line, safe
+    from edgetl.quality.metrics import json_line, safe
 
     m = runtime.load_model(model, device)
     k = min(top_k, len(m.classes))  # before anything is built from it
@@ -479,8 +503,12 @@ def predict(model, paths, top_k, fmt, device):
         if fmt == "json":
             click.echo(json_line({"path": name, "top": [{"class": c, "prob": round(p, 6)} for c, p in top or []],
                                   **({"error": err} if err else {})}))
-        elif writer:
-            writer.writerow([safe(name)] + [v for c, p in (top or []) for v in (safe(c), f"{p:.6f}")] + [safe(err or "")])
+        elif writer:  # a cell a spreadsheet would run as a formula (=, +, -, @) is quoted with a leading '
+            def cell(t: str) -> str:
+                t = safe(t)
+                return "'" + t if t[:1] in ("=", "+", "-", "@", "\t", "\r") else t
+
+            writer.writerow([cell(name)] + [v for c, p in (top or []) for v in (cell(c), f"{p:.6f}")] + [cell(err or "")])
         else:
             click.echo(f"{safe(name)}\t" + ("  ".join(f"{safe(c)} {p:.3f}" for c, p in top) if top else f"error: {safe(err)}"))
     if failed:
@@ -494,12 +522,13 @@ def predict(model, paths, top_k, fmt, device):
 @main.command(short_help="Classify live frames: a camera, a video, a stream or a folder.")
 @click.option("--model", default=None, type=click.Path(dir_okay=False),
               help="A fused model.onnx [default: the newest exports/*/model.onnx].")
-@click.option("--camera", type=int, help="Camera index (0 is the first camera).")
-@click.option("--source", help="A video file, a stream URL, a folder of images or a glob.")
+@click.option("--camera", type=int, multiple=True, help="Camera index (0 is the first camera); repeatable.")
+@click.option("--source", multiple=True, help="A video file, a stream URL, a folder of images or a glob; repeatable, "
+                                              "each may be named NAME=URI (several run side by side).")
 @click.option("--headless", is_flag=True, help="No window: one JSON line per frame on stdout.")
 @click.option("--save", type=click.Path(dir_okay=False),
               help="Write the annotated video (e.g. out.mp4); works without a display.")
-@click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--threshold", default=0.0, show_default=True, type=FiniteRange(0, 1),
               help="Below this top probability the frame is labelled 'unknown'.")
 @click.option("--smooth", default=1, show_default=True, type=click.IntRange(1),
               help="Average the probabilities of the last N frames.")
@@ -509,15 +538,37 @@ def predict(model, paths, top_k, fmt, device):
 @click.option("--collect", "collect_dir", type=click.Path(file_okay=False),
               help="Save the frames the model is unsure about to DIR/<predicted class>/ (JPEG + JSON sidecar), "
                    "to sort into your class folders and train on; keep DIR outside your training folder.")
-@click.option("--collect-below", type=click.FloatRange(0, 1),
+@click.option("--collect-below", type=FiniteRange(0, 1),
               help="With --collect: keep frames whose top probability is below this [default: 0.6].")
-@click.option("--collect-margin", type=click.FloatRange(0, 1),
+@click.option("--collect-margin", type=FiniteRange(0, 1),
               help="With --collect: also keep frames whose top two probabilities are closer than this [default: off].")
-@click.option("--collect-every", type=click.FloatRange(0), help="With --collect: at most one frame per this many "
+@click.option("--collect-every", type=FiniteRange(0), help="With --collect: at most one frame per this many "
                                                                "seconds of the source [default: 1].")
 @click.option("--collect-max", type=click.IntRange(1), help="With --collect: save at most this many frames [default: 500].")
+@click.option("--streams", "streams_file", type=click.Path(dir_okay=False),
+              help="Several streams from a TOML file of [[stream]] tables (name, source or camera); see docs/streams.md.")
+@click.option("--stats", "stats_every", type=FiniteRange(0.1), help="Print each stream's numbers every N seconds.")
+@click.option("--mqtt", help="Publish class changes to mqtt://HOST[:PORT]/TOPIC (TOPIC/<stream>/event, retained "
+                             "TOPIC/<stream>/state); needs pip install 'edgetl[events]'.")
+@click.option("--webhook", help="POST class changes as JSON to this http(s) URL.")
+@click.option("--hold", default="1s", show_default=True,
+              help="Events: a new class must hold this many frames (5) or seconds (1.5s).")
+@click.option("--hysteresis", default=0.05, show_default=True, type=FiniteRange(0, 1),
+              help="Events: a class leaves below --threshold minus this, and another must beat it by this.")
+@click.option("--max-age", default=0.5, show_default=True, type=FiniteRange(0.01),
+              help="Several streams: a frame older than this (seconds) when its turn comes is dropped (stale).")
+@click.option("--retries", type=click.IntRange(0), help="Several streams: reopen a lost stream or camera at most this "
+                                                        "many times in a row [default: forever].")
+@click.option("--backoff-max", default=30.0, show_default=True, type=FiniteRange(0.1),
+              help="Several streams: the longest wait between two reopenings (exponential backoff with jitter).")
+@click.option("--silence", default=10.0, show_default=True, type=FiniteRange(0.5),
+              help="Several streams: a stream with no frame for this many seconds is reopened.")
+@click.option("--event-buffer", default=1000, show_default=True, type=click.IntRange(1),
+              help="Events kept while the broker or webhook is down (then the oldest are dropped, counted).")
+@click.option("--event-snapshot", is_flag=True, help="Put a JPEG of the frame in each event (snapshot_jpeg, base64).")
 def run(model, camera, source, headless, save, threshold, smooth, top_k, max_frames, device, collect_dir,
-        collect_below, collect_margin, collect_every, collect_max):
+        collect_below, collect_margin, collect_every, collect_max, streams_file, stats_every, mqtt, webhook, hold,
+        hysteresis, max_age, retries, backoff_max, silence, event_buffer, event_snapshot):
     """Classify live frames from a camera, a video, a stream or a folder with onnxruntime (no torch):
     an overlay window (q or Esc quits), one JSON line per frame (--headless), and/or an annotated
     video (--save). Ctrl-C ends it cleanly; the saved video stays playable.
@@ -527,8 +578,12 @@ def run(model, camera, source, headless, save, threshold, smooth, top_k, max_fra
     --collect-every seconds and --collect-max in all, never one like a frame already saved."""
     from edgetl.deploy import live, runtime
 
+    if len(camera) + len(source) > 1 or streams_file or mqtt or webhook or stats_every is not None:
+        return _run_streams(locals())
+    camera, source = (camera or (None,))[0], (source or (None,))[0]
     if (camera is None) == (source is None):
-        raise click.UsageError("give exactly one of --camera INDEX or --source FILE|URL|FOLDER|GLOB")
+        raise click.UsageError("give exactly one of --camera INDEX or --source FILE|URL|FOLDER|GLOB, or several "
+                               "(repeated, or --streams FILE.toml)")
     given = [n for n, v in (("--collect-below", collect_below), ("--collect-margin", collect_margin),
                             ("--collect-every", collect_every), ("--collect-max", collect_max)) if v is not None]
     if given and not collect_dir:
@@ -555,6 +610,78 @@ def run(model, camera, source, headless, save, threshold, smooth, top_k, max_fra
         _exit(s.exit_code)
 
 
+SERVE_MODULES = {"starlette", "uvicorn", "prometheus_client", "python_multipart"}
+
+
+@main.command(short_help="Serve a model over HTTP: predict, model, health, metrics; batched, hot-swappable.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Most images per inference batch, gathered across requests.")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=FiniteRange(0, 1000),
+              help="Longest a batch waits for more images (only while more are being decoded).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
+              help="Images admitted at once; past it, 503 with Retry-After.")
+@click.option("--max-body-mb", default=16.0, show_default=True, type=FiniteRange(0.001, 4096),
+              help="Largest request body; larger ones get 413 before they are read.")
+@click.option("--decode-threads", type=click.IntRange(1, 256), help="Threads decoding images [default: the cores].")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Classes per answer (?top_k= overrides).")
+@click.option("--token", envvar="EDGETL_TOKEN", show_envvar=True,
+              help="Require `Authorization: Bearer TOKEN` on everything except /healthz.")
+@click.option("--watch", is_flag=True, help="Reload the model when its file changes (as SIGHUP does).")
+@click.option("--drain-s", default=10.0, show_default=True, type=FiniteRange(0),
+              help="On SIGTERM/Ctrl-C, how long requests in flight may take to finish.")
+@click.option("--log-json", is_flag=True, help="Log JSON lines (one per request) instead of text.")
+@click.option("--quiet", is_flag=True, help="No line per request (start, reloads and stop are still logged).")
+@click.option("--name", help="The model's name in answers [default: its folder for a model.onnx, else the file's stem].")
+def serve(model, host, port, device, max_batch, max_wait_ms, max_queue, max_body_mb, decode_threads, top_k, token, watch,
+          drain_s, log_json, quiet, name):
+    """Serve MODEL over HTTP (no torch): POST /v1/predict (an image as the body, or multipart files),
+    GET /v1/model, /healthz, /readyz, /metrics, /docs. Requests are batched across clients; SIGHUP
+    (or --watch) swaps in a new model file once it loads and checks; SIGTERM/Ctrl-C finishes the
+    requests in flight and exits 0."""
+    try:
+        from edgetl.deploy import serve as server
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in SERVE_MODULES:
+            raise
+        raise EdgetlError(f"`edgetl serve` needs the serve extra ({e.name} is not installed): "
+                          "pip install 'edgetl[serve]'") from None
+    opts = server.Options(model, host, port, device, max_batch, max_wait_ms, max_queue, max_body_mb, decode_threads or 0,
+                          top_k, token or None, watch, drain_s=drain_s, log_json=log_json, quiet=quiet, name=name)
+    n = server.serve(opts, log=say)
+    say(f"stopped; {n} images answered")
+
+
+def _run_streams(a: dict) -> None:
+    """`edgetl run` on several sources at once, and/or with events or stats (deploy.streams)."""
+    from edgetl.deploy import events, runtime, streams
+
+    bad = [n for n, v in (("--save", a["save"]), ("--collect", a["collect_dir"])) if v]
+    if bad:
+        raise click.UsageError(f"{bad[0]} works with one source; with several use --headless, --stats or events")
+    if not (a["headless"] or a["stats_every"] or a["mqtt"] or a["webhook"]):
+        raise click.UsageError("several streams have no window: add --headless (JSON lines), --stats N, --mqtt or "
+                               "--webhook")
+    sources = streams.parse_sources(a["source"], a["camera"], a["streams_file"], a["retries"])
+    hold = events.Hold.parse(a["hold"])
+    sink_opts = {"limit": a["event_buffer"], "log": say, "backoff_max": a["backoff_max"]}
+    sinks = [events.WebhookSink(a["webhook"], **sink_opts)] if a["webhook"] else []
+    if a["mqtt"]:
+        sinks.append(events.MqttSink(a["mqtt"], **sink_opts))
+    m = runtime.load_model(a["model"] or _newest_model(), a["device"], spin=False)
+    s = streams.run(m, sources, headless=a["headless"], stats_every=a["stats_every"], max_frames=a["max_frames"],
+                    log=say, max_age=a["max_age"], silence=a["silence"], backoff_max=a["backoff_max"],
+                    smooth=a["smooth"], threshold=a["threshold"], top_k=a["top_k"], hold=hold,
+                    hysteresis=a["hysteresis"], sinks=sinks, snapshots=a["event_snapshot"])
+    for line in s.lines():
+        say(line)
+    if s.exit_code:
+        _exit(s.exit_code)
+
+
 def _newest_model() -> str:
     from pathlib import Path
 
@@ -571,7 +698,7 @@ def _newest_model() -> str:
                    "the gate checks on their validation split.")
 @click.option("--precision", default="int8", show_default=True, type=click.Choice(["int8", "fp16"]),
               help="int8 for CPUs (static QDQ, per-channel weights); fp16 for GPUs.")
-@click.option("--max-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--max-drop", default=0.01, show_default=True, type=FiniteRange(0, 1),
               help="Largest validation accuracy drop accepted vs float32 (0.01 = 1 point).")
 @click.option("--calib-images", default=200, show_default=True, type=click.IntRange(1),
               help="Training photos used to calibrate int8 activation ranges.")
@@ -612,8 +739,11 @@ def quantize(model, data, precision, max_drop, calib_images, calibration, reduce
               help="Timed runs per model and setting, at most (models interleaved).")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="Idle onnxruntime threads busy-wait between runs (its default); --no-spin frees the CPU.")
+@click.option("--max-memory", type=FiniteRange(1, 1e9), default=None,
+              help="MB the largest batch's tensors may take; larger batches are refused before anything runs "
+                   "[default: half of the memory available].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_cmd(models, device, batch, threads, images, rounds, spin, as_json):
+def bench_cmd(models, device, batch, threads, images, rounds, spin, max_memory, as_json):
     """Latency p50/p90/p99, throughput, size and memory of MODELS, timed interleaved on this machine."""
     import json
 
@@ -630,7 +760,7 @@ def bench_cmd(models, device, batch, threads, images, rounds, spin, as_json):
 
     r = bench.bench(list(models), device=device, batches=ints(batch, "--batch"),
                     threads=ints(threads, "--threads") if threads else [None], images=images, rounds=rounds,
-                    spin=spin)
+                    spin=spin, max_memory_mb=max_memory)
     click.echo(json.dumps(r, indent=1) if as_json else bench.table(r))
 
 
@@ -646,7 +776,7 @@ def bench_cmd(models, device, batch, threads, images, rounds, spin, as_json):
 @click.option("--fail-on", default=",".join(DEFAULT_FAIL_ON), show_default=True,
               help="Exit 1 when one of these checks finds something (a comma list of "
                    f"{', '.join(LINT_CHECKS)}; all; none).")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
+@click.option("--val-fraction", default=0.2, show_default=True, type=FiniteRange(0.05, 0.5),
               help="As in train-head: the validation share of the split leakage is checked against (class folders "
                    "without val/).")
 @click.option("--seed", default=0, show_default=True, type=int, help="As in train-head: the seed of that split.")
@@ -663,11 +793,12 @@ def lint(ctx, data, backbone, weights, cache, as_json, html_path, fail_on, val_f
     `Error: ...` when DATA, the backbone or the cache cannot be used.
     """
     from edgetl.quality import lint as lint_mod
+    from edgetl.train.lint import lint, write_html
 
     checks = lint_mod.parse_fail_on(fail_on)
-    r = lint_mod.lint(data, _backbone_file(backbone, weights), cache, checks, val_fraction, seed, device, log=say)
+    r = lint(data, _backbone_file(backbone, weights), cache, checks, val_fraction, seed, device, log=say)
     if html_path:
-        lint_mod.write_html(r, html_path)
+        write_html(r, html_path)
         say(f"wrote {html_path}")
     click.echo(lint_mod.to_json(r) if as_json else lint_mod.text(r))
     say(lint_mod.summary(r))
@@ -680,6 +811,78 @@ def lint(ctx, data, backbone, weights, cache, as_json, html_path, fail_on, val_f
     found = any(r["counts"].values())
     click.echo(f"next: edgetl lint {q(data)}{flags} --html lint.html" if found and not html_path
                else f"next: edgetl train-head {q(data)}{flags}", err=True)
+
+
+@main.command("export-web", short_help="A static web page that runs the model in a browser (onnxruntime-web).")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="The folder to write (replaced as a whole): index.html, the model, the runtime files.")
+@click.option("--ort-web", type=click.Path(exists=True, file_okay=False),
+              help="A folder with the onnxruntime-web files (the npm package's dist/) [default: downloaded once from "
+                   "the npm registry into ~/.cache/edgetl or $EDGETL_CACHE].")
+@click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="The page's default: answer 'unknown' below this top probability (as in `run`).")
+@click.option("--smooth", default=1, show_default=True, type=click.IntRange(1),
+              help="The page's default: average camera frames' probabilities over the last N (as in `run`).")
+@click.option("--serve", is_flag=True, help="Then serve the folder (COOP/COEP headers: wasm threads on) until Ctrl-C.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --serve: the address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="With --serve: the port.")
+def export_web_cmd(model, output, ort_web, threshold, smooth, serve, host, port):
+    """A folder any static web server can host: MODEL classifies camera frames or dropped photos in the
+    browser, with edgetl's preprocessing, offline once loaded."""
+    from edgetl.deploy import web
+
+    out = web.export_web(model, output, ort_web=ort_web, threshold=threshold, smooth=smooth, log=say)
+    click.echo(f"wrote {out} (onnxruntime-web {web.ORT_WEB_VERSION})")
+    if not serve:
+        click.echo(f"next: edgetl export-web {q(model)} -o {q(output)} --serve   (or any static server in {q(output)})")
+        return
+    srv = web.Server(out, host, port)
+    click.echo(f"serving {out} at {srv.url} (Ctrl-C to stop)")
+    try:
+        srv.serve_forever()
+    finally:
+        srv.close()
+
+
+@main.command(short_help="The same answers everywhere: the model's validation photos on every target here.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The labelled photos MODEL was trained on (its recorded validation photos are used).")
+@click.option("--targets", default="all", show_default=True,
+              help="Comma list of cpu (the reference: onnxruntime CPU float32), int8, fp16, cuda, openvino, opencv, "
+                   "browser; all: every one, those that cannot run here reported as not available.")
+@click.option("--max-disagree", default=0, show_default=True, type=click.IntRange(0),
+              help="Photos a float target may answer differently from the reference (int8/fp16: at least the "
+                   "accuracy drop their gate accepted, as photos).")
+@click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "val", "train", "test", "all"]),
+              help="Which photos, as in `edgetl evaluate`.")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N photos of the split.")
+@click.option("--ort-web", type=click.Path(exists=True, file_okay=False), help="As in export-web (target browser).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write the table as an HTML page.")
+@click.pass_context
+def verify(ctx, model, data, targets, max_disagree, split, limit, ort_web, as_json, html_path):
+    """Run MODEL's validation photos through every target and compare each with onnxruntime CPU float32:
+    top-1 agreement, max probability difference, accuracy, balanced accuracy, batch-1 latency, cold start.
+    Exits 1 when a target disagrees on more photos than allowed (naming them)."""
+    from edgetl.deploy import verify as v
+    from edgetl.quality.metrics import dumps
+
+    r = v.verify(model, data, targets, max_disagree, split, limit, ort_web, log=say)
+    if html_path:
+        from edgetl.quality.html import write_page
+
+        write_page(html_path, v.html_page(r))
+        say(f"wrote {html_path}")
+    click.echo(dumps(r) if as_json else v.table(r))
+    if r["skipped"]:
+        say(f"skipped {len(r['skipped'])} unreadable photos, e.g. {r['skipped'][0]['path']}")
+    if r["failed"]:
+        for line in v.failures(r):
+            click.echo(f"verify failed: {line}", err=True)
+        ctx.exit(1)
+    click.echo(f"next: edgetl export-web {q(model)} -o web --serve", err=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ KEY_CUT = "edgetl.cut"  # JSON {"unfreeze": N, "block": k, "blocks": B, "shape":
 KEY_PRECISION = "edgetl.precision"  # "int8" | "fp16" on a quantized/converted model (absent: float32)
 KEY_SOURCE_SHA256 = "edgetl.source_sha256"  # sha256 of the float32 model.onnx it was made from
 KEY_CALIBRATION = "edgetl.calibration"  # JSON: method, images, reduce_range, nodes kept in float...
+KEY_DEPTHS = "edgetl.depths"  # JSON [{"name", "start", "dim"}]: the columns of each depth of a multi-depth backbone
 KEY_GATE = "edgetl.gate"  # JSON: the gate's measured accuracy, agreement and latency figures
 
 FORMAT_BACKBONE = "backbone"

@@ -21,6 +21,7 @@ from edgetl.export import torch_onnx
 from edgetl.train.finetune import Recipe
 from edgetl.train.heads import HeadConfig
 from edgetl.train.orchestrate import train_head
+from edgetl.train.request import TrainRequest
 
 VARIANTS = {
     "baseline": Recipe(),
@@ -49,8 +50,8 @@ def main():
     for data in a.data:
         for name in a.only.split(","):
             t = time.perf_counter()
-            s = train_head(data, bb, work / "cache", work / f"{data.name}-{name}", HeadConfig(), device=a.device,
-                           unfreeze="all", augment=1, recipe=VARIANTS[name], log=lambda line: None)
+            s = train_head(TrainRequest(data, bb, work / "cache", work / f"{data.name}-{name}", HeadConfig(), device=a.device,
+                           unfreeze="all", augment=1, recipe=VARIANTS[name])).summary
             m = s["metrics"]
             print(f"| {data.name} | {name} | {m['accuracy']:.4f} ({m['correct']}/{m['n']}) | {m['balanced_accuracy']:.4f} "
                   f"| {s['epochs_run']} ({s['best_epoch']}) | {time.perf_counter() - t:.0f} |", flush=True)

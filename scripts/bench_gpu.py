@@ -100,7 +100,8 @@ def section_bare(a, work, bb_path, arrays, dev):
         try:
             import onnx
 
-            from edgetl.export.quantize import _fp16, prepare
+            from edgetl.export.calibrate import to_fp16 as _fp16
+            from edgetl.export.graph import prepare
 
             onnx.save(_fp16(prepare(onnx.load(str(bb_path))), []), str(fp16))
             s = ort.InferenceSession(str(fp16), providers=[prov])
@@ -247,19 +248,20 @@ def _run(a, work, model_path, dev):
 def section_train(a, work, bb_path, big, dev):
     from edgetl.train.heads import HeadConfig
     from edgetl.train.orchestrate import train_head
+    from edgetl.train.request import TrainRequest
 
     res = {}
     t = time.perf_counter()
-    s = train_head(big, bb_path, work / "cache-train", work / "ft-big", HeadConfig(max_epochs=3, patience=5),
-                   device=dev, unfreeze="all", augment=1, log=print)
+    s = train_head(TrainRequest(big, bb_path, work / "cache-train", work / "ft-big", HeadConfig(max_epochs=3, patience=5),
+                   device=dev, unfreeze="all", augment=1), log=print).summary
     rates = s["history"].get("epoch_images_per_s", [])
     res["unfreeze all --augment 1, big folder: train images/s per epoch"] = [round(r) for r in rates]
     res["... wall s"] = round(time.perf_counter() - t)
     for unfreeze, aug in (("2", 0), ("all", 1)):
         t = time.perf_counter()
         try:
-            s = train_head(a.hymenoptera, bb_path, work / "cache-train", work / f"ft-hym-{unfreeze}", HeadConfig(),
-                           device=dev, unfreeze=unfreeze, augment=aug, log=print)
+            s = train_head(TrainRequest(a.hymenoptera, bb_path, work / "cache-train", work / f"ft-hym-{unfreeze}", HeadConfig(),
+                           device=dev, unfreeze=unfreeze, augment=aug), log=print).summary
             res[f"hymenoptera --unfreeze {unfreeze} --augment {aug}"] = {
                 "val accuracy": s["metrics"]["accuracy"], "balanced": s["metrics"]["balanced_accuracy"],
                 "wall s": round(time.perf_counter() - t), "epochs": s["epochs_run"], "device": s["device"],
@@ -313,7 +315,7 @@ def main():
 
     from edgetl import backbones
     from edgetl.data.preprocess import load_image
-    from edgetl.deploy.runtime import cuda_usable
+    from edgetl.ort import cuda_usable
     from edgetl.export.torch_onnx import export_backbone
 
     record(a.out, "env", {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
@@ -345,8 +347,9 @@ def main():
                 if model_path is None:
                     from edgetl.train.heads import HeadConfig
                     from edgetl.train.orchestrate import train_head
+                    from edgetl.train.request import TrainRequest
 
-                    train_head(a.hymenoptera, bb_path, work / "cache-m", work / "m", HeadConfig(), device=dev)
+                    train_head(TrainRequest(a.hymenoptera, bb_path, work / "cache-m", work / "m", HeadConfig(), device=dev))
                     model_path = work / "m" / "model.onnx"
                 r = section_run(a, work, model_path, dev) if name == "run" else section_fp16(a, model_path, dev)
             elif name == "train":

@@ -21,7 +21,8 @@ import torch  # imported before any timing: the import is not training time
 
 from edgetl import backbones
 from edgetl import contract as C
-from edgetl.deploy.runtime import session
+from edgetl.export.graph import metadata
+from edgetl.ort import session
 from edgetl.export import fuse
 from edgetl.export import torch_onnx as export
 from edgetl.train.heads import HeadConfig, train
@@ -63,7 +64,7 @@ def main():
     import onnx
 
     b = onnx.load(str(work / "backbone.onnx"))
-    meta = {p.key: p.value for p in b.metadata_props}
+    meta = metadata(b)
     h, _ = fuse.export_head(r.model, a.dim, [str(i) for i in range(a.classes)],
                             {C.KEY_FINGERPRINT: meta[C.KEY_FINGERPRINT], C.KEY_BACKBONE: meta[C.KEY_BACKBONE]})
     fused = fuse.fuse(b, h)

@@ -23,6 +23,7 @@ from edgetl import backbones
 from edgetl.export import torch_onnx
 from edgetl.train.heads import HeadConfig
 from edgetl.train.orchestrate import train_head
+from edgetl.train.request import TrainRequest
 
 
 def pets_layout(pets: Path, root: Path, tigger: str, misty: str, n_neither: int, seed: int) -> Path:
@@ -51,7 +52,7 @@ def hym_layout(hym: Path, root: Path, bees_fraction: float, seed: int) -> Path:
 
 
 def run(data, bb, cache, out, balance):
-    s = train_head(data, bb, cache, out, HeadConfig(balance=balance), log=lambda line: None)
+    s = train_head(TrainRequest(data, bb, cache, out, HeadConfig(balance=balance))).summary
     m = s["metrics"]
     return m["accuracy"], m["balanced_accuracy"]
 

@@ -50,7 +50,7 @@ def plant(src: Path, dst: Path, seed: int, flip_share: float = 0.05):
 
 
 def main():
-    from edgetl.quality.lint import lint
+    from edgetl.train.lint import lint
 
     ap = argparse.ArgumentParser()
     ap.add_argument("data", type=Path, help="a folder with train/ and val/ class folders (hymenoptera)")

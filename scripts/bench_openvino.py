@@ -17,8 +17,9 @@ import numpy as np
 
 from edgetl import contract as C
 from edgetl.deploy.bench import time_interleaved
-from edgetl.deploy.runtime import load_model, select_split, session
-from edgetl.export.quantize import _Images
+from edgetl.deploy.runtime import load_model, select_split
+from edgetl.ort import session
+from edgetl.export.calibrate import Images as _Images
 
 
 def openvino_runner(path: str, threads: int, precision: str):

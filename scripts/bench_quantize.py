@@ -28,7 +28,8 @@ import onnx
 
 from edgetl import contract as C
 from edgetl.deploy.bench import time_interleaved
-from edgetl.deploy.runtime import session
+from edgetl.ort import session
+from edgetl.export import calibrate
 from edgetl.export import quantize as Q
 
 
@@ -112,14 +113,14 @@ def main():
 
             fm = load_model(model, "cpu")
             cal_images, _ = Q.calibration_images(select_split(fm, data, "train").items, fm.spec, 200)
-            val = Q._Images(select_split(fm, data, "val").items, fm.spec, fm.classes)
-            f_pred, _, y = Q._predict(session(float_bytes, "cpu"), val)
-            always = Q._input_chain(prepared) + [n.name for n in prepared.graph.node if n.op_type == "Softmax"]
+            val = calibrate.Images(select_split(fm, data, "val").items, fm.spec, fm.classes)
+            f_pred, _, y = Q.predictions(session(float_bytes, "cpu"), val)
+            always = calibrate.input_chain(prepared) + [n.name for n in prepared.graph.node if n.op_type == "Softmax"]
             for label, keep in [("nothing (every conv int8)", [])] + Q.float_plans(prepared)[1:]:
-                q = Q._int8(tmp / "p.onnx", tmp / "q.onnx", cal_images, "minmax", cal["reduce_range"], always + keep,
+                q = calibrate.to_int8(tmp / "p.onnx", tmp / "q.onnx", cal_images, "minmax", cal["reduce_range"], always + keep,
                             tmp / "cal.json")
                 qb = q.SerializeToString()
-                q_pred, _, _ = Q._predict(session(qb, "cpu"), val)
+                q_pred, _, _ = Q.predictions(session(qb, "cpu"), val)
                 sp = speed(float_bytes, qb, a.device, a.threads, x1, x32)
                 print(f"  kept in float: {label}: val accuracy {np.mean(q_pred == y):.4f} (float32 {np.mean(f_pred == y):.4f}), "
                       f"agreement {100 * np.mean(q_pred == f_pred):.1f} %; batch 1 {sp[1][2]:.2f}x, batch 32 {sp[32][2]:.2f}x",

@@ -18,6 +18,7 @@ from edgetl import backbones
 from edgetl.export import torch_onnx as export
 from edgetl.train.heads import HeadConfig
 from edgetl.train.orchestrate import train_head
+from edgetl.train.request import TrainRequest
 
 
 def main():
@@ -40,8 +41,8 @@ def main():
                 kind = "mlp" if name == "mlp" else "linear"
                 unfreeze = {"linear": "0", "mlp": "0"}.get(name, name)
                 t = time.perf_counter()
-                s = train_head(data, bb, work / "cache", work / f"{data.name}-{name}-{aug}", HeadConfig(kind=kind),
-                               unfreeze=unfreeze, augment=aug, device=a.device, log=lambda line: None)
+                s = train_head(TrainRequest(data, bb, work / "cache", work / f"{data.name}-{name}-{aug}", HeadConfig(kind=kind),
+                               unfreeze=unfreeze, augment=aug, device=a.device)).summary
                 sec = time.perf_counter() - t
                 m = s["metrics"]
                 rows.append((data.name, name, aug, m["accuracy"], m["correct"], m["n"], sec, s["regime"]))

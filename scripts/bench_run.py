@@ -33,10 +33,11 @@ def make_model(work: Path) -> Path:
     from edgetl import contract as C
     from edgetl.export import fuse
     from edgetl.export import torch_onnx as export
+    from edgetl.export.graph import metadata
 
     export.export_backbone(backbones.get(), work / "backbone.onnx")
     b = onnx.load(str(work / "backbone.onnx"))
-    meta = {p.key: p.value for p in b.metadata_props}
+    meta = metadata(b)
     torch.manual_seed(0)
     h, _ = fuse.export_head(torch.nn.Sequential(torch.nn.Linear(1280, 3)), 1280, ["a", "b", "c"],
                             {C.KEY_FINGERPRINT: meta[C.KEY_FINGERPRINT], C.KEY_BACKBONE: meta[C.KEY_BACKBONE]})

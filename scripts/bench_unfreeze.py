@@ -24,7 +24,8 @@ from edgetl import backbones
 from edgetl.data.embed import embed_folder
 from edgetl.data.preprocess import load_image
 from edgetl.data.scan import scan
-from edgetl.train.finetune import cut_index, export_trunk, top_and_head, trunk_module, verified_stages
+from edgetl.export.stages import verified_stages
+from edgetl.train.cut import cut_index, export_trunk, top_and_head, trunk_module
 
 
 def main():

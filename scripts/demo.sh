@@ -18,7 +18,7 @@ else
   clip_from=("$root/samples/pets-held-back")
 fi
 cd "$root"
-bash scripts/setup.sh
+bash scripts/setup.sh demo  # only what the main job needs (no Ray, moto, pytest)
 export PATH="$root/.venv/bin:$PATH"
 out=exports/$(basename "$data")
 started=$(date +%s)
@@ -33,6 +33,7 @@ if [ ${#clip_from[@]} -eq 0 ]; then  # your photos: the validation ones (never t
   mapfile -t clip_from < <(.venv/bin/python - "$data" "$out" <<'PY'
 import json, sys
 from pathlib import Path
+sys.stdout.reconfigure(errors="surrogateescape")  # file names that are not UTF-8 print as their bytes
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 split = out / "split.json"
 val = [data / p for p in json.loads(split.read_text())["val"]] if split.exists() else sorted((data / "val").rglob("*.jpg"))

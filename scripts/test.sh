@@ -2,7 +2,7 @@
 # Install (scripts/setup.sh) and run the whole test suite. A run that collects no test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test  # everything the tests use
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

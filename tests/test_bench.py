@@ -59,7 +59,8 @@ def test_bench_json_schema(models):
     assert {(x["batch"], x["threads"]) for x in rows} == {(1, 1), (3, 1), (1, 2), (3, 2)}
     for x in rows:
         assert set(x) == {"model", "precision", "provider", "batch", "threads", "p50_ms", "p90_ms", "p99_ms",
-                          "mean_ms", "runs", "throughput_ips"}
+                          "mean_ms", "min_ms", "runs", "throughput_ips"}
+        assert x["min_ms"] <= x["p50_ms"] and x["min_ms"] <= x["mean_ms"]
         assert x["provider"] == "CPUExecutionProvider" and x["runs"] == 3
         assert 0 < x["p50_ms"] <= x["p90_ms"] <= x["p99_ms"]
         assert x["throughput_ips"] == pytest.approx(x["batch"] / (x["p50_ms"] / 1e3))
@@ -82,7 +83,7 @@ def test_bench_table_names_models_and_provider(models):
 
 
 def test_bench_cuda_is_never_a_silent_fallback(models):
-    from edgetl.deploy.runtime import cuda_usable
+    from edgetl.ort import cuda_usable
 
     if cuda_usable():
         pytest.skip("CUDA is usable here")

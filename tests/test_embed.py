@@ -13,7 +13,8 @@ from conftest import encode, photo
 from edgetl.cli import main
 from edgetl.data import cache as cache_mod
 from edgetl.data import scan as data_mod
-from edgetl.data.embed import embed_batch, embed_folder, open_backbone
+from edgetl.data.encode import embed_batch
+from edgetl.data.embed import embed_folder, open_backbone
 from edgetl.errors import DataError, ModelError
 
 
@@ -252,7 +253,7 @@ def test_cli_embed_reports_and_suggests_next(tmp_path, make_dataset, tiny_onnx):
 
 
 def test_cli_cuda_without_gpu(tmp_path, make_dataset, tiny_onnx):
-    from edgetl.deploy.runtime import cuda_usable
+    from edgetl.ort import cuda_usable
 
     if cuda_usable():
         pytest.skip("a usable GPU is present")

@@ -10,13 +10,10 @@ import pytest
 import torch
 
 from edgetl import contract as C
-from edgetl.data.preprocess import Spec, load_image
+from edgetl.spec import Spec
+from edgetl.data.preprocess import load_image
 from edgetl.errors import ParityError
 from edgetl.export import torch_onnx as export
-
-
-def _photos(folder, n):
-    return sorted(p for p in folder.rglob("*.jpg"))[:n]
 
 
 def _check_file(path, backbone, images):
@@ -46,15 +43,15 @@ def _check_file(path, backbone, images):
     return worst
 
 
-def test_tiny_export_parity_on_real_photos(tiny_onnx, tiny_backbone, hymenoptera):
-    assert _check_file(tiny_onnx, tiny_backbone, _photos(hymenoptera / "val", 5)) <= C.EXPORT_ATOL
+def test_tiny_export_parity_on_real_photos(tiny_onnx, tiny_backbone, real_photo_files):
+    assert _check_file(tiny_onnx, tiny_backbone, real_photo_files[:5]) <= C.EXPORT_ATOL
 
 
 @pytest.mark.slow
-def test_default_backbone_export_parity_on_real_photos(lite0_onnx, hymenoptera):
+def test_default_backbone_export_parity_on_real_photos(lite0_onnx, real_photo_files):
     from edgetl import backbones
 
-    worst = _check_file(lite0_onnx, backbones.get(), _photos(hymenoptera / "val", 5))
+    worst = _check_file(lite0_onnx, backbones.get(), real_photo_files[:5])
     print(f"efficientnet_lite0 max abs diff {worst:.2e}")
     assert worst <= C.EXPORT_ATOL
 

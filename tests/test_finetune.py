@@ -9,10 +9,12 @@ from click.testing import CliRunner
 from edgetl import backbones
 from edgetl import contract as C
 from edgetl.cli import main
-from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image
+from edgetl.data.preprocess import augment_view, decode_bgr, load_image
 from edgetl.deploy import runtime
-from edgetl.train.finetune import CutError, cut_index, freeze_bn, stages, top_and_head, verified_stages
-from edgetl.train.orchestrate import AUTO_ALL_FROM, AUTO_HEAD_BELOW, choose_regime
+from edgetl.export.stages import CutError, stages, verified_stages
+from edgetl.spec import Spec
+from edgetl.train.auto import AUTO_ALL_FROM, AUTO_HEAD_BELOW, choose_regime
+from edgetl.train.cut import cut_index, freeze_bn, top_and_head
 
 
 def cli(*args):
@@ -183,6 +185,7 @@ def test_auto_rule_and_its_report(data, tmp_path, tiny_onnx):
     assert {row["candidate"] for row in rows} == {c.name for c in S.CANDIDATES}
     tried = [row for row in rows if row["status"] == "tried"]
     assert len(tried) >= 4 and all(0 <= row["balanced_accuracy"] <= 1 for row in tried)
+    assert "linear head on several depths" in {row["candidate"] for row in tried}  # Head-to-Toe is a candidate
     inner = s["search"]["inner"]
     assert inner["photos"] == sum(s["counts"]["train"].values()) and inner["folds"] == S.FOLDS
     assert max(row["folds"] for row in tried) == S.FOLDS  # the cheap candidates ran every fold

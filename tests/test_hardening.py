@@ -243,7 +243,7 @@ def test_lying_backbone_gets_its_own_namespace(tmp_path, make_dataset, tiny_onnx
 def test_graph_hash_reads_the_graph_not_the_metadata(tmp_path, tiny_onnx):
     """The cache's graph hash is the graph's own bytes: onnx's serialisation of the parsed graph, unmoved
     by metadata, moved by any weight; a file that is not a model is a ModelError."""
-    from edgetl.data.embed import graph_sha256
+    from edgetl.ort import graph_sha256
     from edgetl.errors import ModelError
 
     model = onnx.load(str(tiny_onnx))
@@ -282,7 +282,7 @@ def test_two_concurrent_embeds_with_compaction(tmp_path, make_dataset, tiny_onnx
 # 8. output sets are written whole
 
 def test_failed_train_head_leaves_the_previous_set_intact(trained, tmp_path, tiny_onnx, monkeypatch):
-    from edgetl.quality import report
+    from edgetl.train import card
 
     data, _, cache = trained
     out = tmp_path / "set"
@@ -292,7 +292,7 @@ def test_failed_train_head_leaves_the_previous_set_intact(trained, tmp_path, tin
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report, "plot_curves", full_disk)
+    monkeypatch.setattr(card, "plot_curves", full_disk)
     r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", cache, "-o", out, "--seed", "3")
     assert "No space left on device" in one_line_error(r)
     assert digest(out) == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".set")]
@@ -300,13 +300,14 @@ def test_failed_train_head_leaves_the_previous_set_intact(trained, tmp_path, tin
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "plot_curves", interrupt)
+    monkeypatch.setattr(card, "plot_curves", interrupt)
     fresh = tmp_path / "fresh"
     from edgetl.train.heads import HeadConfig
     from edgetl.train.orchestrate import train_head
+    from edgetl.train.request import TrainRequest
 
     with pytest.raises(KeyboardInterrupt):  # (the CLI would exit 130; in-process we see the interrupt itself)
-        train_head(data, tiny_onnx, cache, fresh, HeadConfig())
+        train_head(TrainRequest(data, tiny_onnx, cache, fresh, HeadConfig()))
     assert not fresh.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh")]
 
 
@@ -384,7 +385,8 @@ def test_huge_png_is_refused_without_decoding(tmp_path):
     import struct
     import zlib
 
-    from edgetl.data.preprocess import Spec, load_image
+    from edgetl.spec import Spec
+    from edgetl.data.preprocess import load_image
     from edgetl.errors import ImageError
 
     def chunk(t, d):

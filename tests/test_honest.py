@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgetl.cli import main
-from edgetl.quality import report
+from edgetl.quality import metrics as M
 from edgetl.train.heads import HeadConfig, loss_fn
 
 
@@ -39,6 +39,7 @@ def pets_layout(pets, root, tigger: str, misty: str, n_neither: int, seed: int =
 
 
 @pytest.mark.slow
+@pytest.mark.datasets("pets")
 @pytest.mark.parametrize("n_neither", [350, 80])
 def test_imbalanced_pets_default_options_are_right(tmp_path_factory, pets, lite0_onnx, n_neither):
     cats = sorted({p.name for p in pets.glob("*/*") if p.name[0].isupper()})
@@ -153,17 +154,17 @@ def test_small_validation_set_gets_an_interval(tmp_path, make_dataset, tiny_onnx
 def test_metrics_balanced_accuracy_baseline_and_warnings():
     classes = ["Tigger", "Misty", "neither"]
     y = [0] * 2 + [1] * 2 + [2] * 70
-    always_neither = report.metrics(y, [2] * 74, classes)
+    always_neither = M.metrics(y, [2] * 74, classes)
     assert always_neither["accuracy"] == pytest.approx(70 / 74)
     assert always_neither["balanced_accuracy"] == pytest.approx(1 / 3)
     assert always_neither["majority_accuracy"] == pytest.approx(70 / 74)
-    w = report.warnings(always_neither)
+    w = M.warnings(always_neither)
     assert any("not clearly above always answering the largest class" in x for x in w)
     assert any("'Tigger' is almost never recognised" in x for x in w)
-    good = report.metrics(y, y, classes)
-    assert good["balanced_accuracy"] == 1.0 and not any("largest class" in x for x in report.warnings(good))
-    empty = report.metrics([], [], classes)
-    assert empty["accuracy"] is None and json.loads(report.dumps(empty))["balanced_accuracy"] is None
+    good = M.metrics(y, y, classes)
+    assert good["balanced_accuracy"] == 1.0 and not any("largest class" in x for x in M.warnings(good))
+    empty = M.metrics([], [], classes)
+    assert empty["accuracy"] is None and json.loads(M.dumps(empty))["balanced_accuracy"] is None
 
 
 def test_never_trains_on_its_own_output(tmp_path, make_dataset, tiny_onnx, monkeypatch):

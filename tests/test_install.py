@@ -56,6 +56,18 @@ def test_runtime_only_install_runs_predict_and_run_without_torch(tmp_path, make_
     assert train.returncode == 1 and "needs the training extra" in train.stderr and "pip install 'edgetl[train]'" in \
         train.stderr, train.stderr
     site = next((venv / "lib").glob("python3*/site-packages"))
+    # The headless OpenCV alone (the GUI build needs the desktop's libxcb and libGL: a slim device lacks them)
+    pkgs = subprocess.run([str(py), "-m", "pip", "list", "--format", "freeze"], capture_output=True, text=True, env=env)
+    names = {line.split("==")[0].lower() for line in pkgs.stdout.splitlines()}
+    assert "opencv-python-headless" in names and "opencv-python" not in names, pkgs.stdout
+    so = next((site / "cv2").rglob("cv2*.so"))
+    needed = subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout
+    assert "libxcb" not in needed and "libGL" not in needed, needed
+    # A window asked of the headless build: one line saying how to get the GUI build
+    win = subprocess.run([edgetl, "run", "--model", str(model), "--source", str(video)], capture_output=True,
+                         text=True, env={**env, "DISPLAY": ":99"}, cwd=tmp_path, timeout=300)
+    assert win.returncode == 1 and "pip install opencv-python" in win.stderr, win.stderr
+    assert len(win.stderr.strip().splitlines()) == 1, win.stderr
     size = du(site)
     (tmp_path / "size.txt").write_text(f"{size / 1e6:.0f} MB\n")
     assert size < 600e6  # the CPU build of torch alone is larger, f"runtime install is {size / 1e6:.0f} MB"

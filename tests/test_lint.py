@@ -12,6 +12,7 @@ from PIL import Image
 
 from edgetl.cli import LINT_CHECKS, main
 from edgetl.quality import lint
+from edgetl.train.lint import lint as run_lint
 
 
 def cli(*args):
@@ -73,7 +74,7 @@ def test_copies_under_two_classes_are_a_conflict(tmp_path, tiny_onnx):
 def test_class_folders_use_the_split_train_head_would_make(tmp_path, make_dataset, tiny_onnx):
     data = make_dataset({"cats": 10, "dogs": 10})
     shutil.copy(data / "cats/img_000.jpg", data / "cats/again.jpg")  # byte-identical: one side, never leakage
-    report = lint.lint(data, tiny_onnx, tmp_path / "c")
+    report = run_lint(data, tiny_onnx, tmp_path / "c")
     assert report["split"].startswith("the split train-head would make: stratified 20% validation split")
     (g,) = groups_with(report, "cats/img_000.jpg", "cats/again.jpg")
     assert g["kind"] == "exact" and not g["leakage"] and not g["conflict"]
@@ -88,7 +89,7 @@ def test_sizes_imbalance_and_unreadable(tmp_path, make_dataset, tiny_onnx):
     cv2.imwrite(str(data / "cats/upscaled.png"), cv2.resize(small, (110, 110), interpolation=cv2.INTER_CUBIC))
     cv2.imwrite(str(data / "cats/sharp.png"), rng.integers(0, 256, (110, 110, 3), dtype=np.uint8))
     (data / "dogs/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    report = lint.lint(data, tiny_onnx, tmp_path / "c", fail_on=())
+    report = run_lint(data, tiny_onnx, tmp_path / "c", fail_on=())
     kinds = {s["path"]: s["kind"] for s in report["small_images"]}
     assert kinds.get("cats/tiny.jpg") == "tiny" and kinds.get("cats/upscaled.png") == "upscaled"
     assert "cats/sharp.png" not in kinds and "cats/img_000.jpg" not in kinds
@@ -98,8 +99,8 @@ def test_sizes_imbalance_and_unreadable(tmp_path, make_dataset, tiny_onnx):
     json.loads(lint.to_json(report))
 
 
-def test_detail_ratio_tells_enlarged_photos(hymenoptera):
-    for p in sorted((hymenoptera / "train/ants").glob("*.jpg"))[:10]:
+def test_detail_ratio_tells_enlarged_photos(real_photo_files):
+    for p in real_photo_files[:10]:
         grey = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
         h, w = grey.shape
         assert lint.detail_ratio(grey) > lint.UPSCALED_RATIO, p
@@ -137,7 +138,7 @@ def test_bad_input_is_one_line(tmp_path, make_dataset, tiny_onnx):
 def test_one_class_and_unlabelled_folders_are_linted(tmp_path, make_dataset, tiny_onnx):
     one = make_dataset({"cats": 10}, root=tmp_path / "one")
     shutil.copy(one / "cats/img_001.jpg", one / "cats/dup.jpg")
-    report = lint.lint(one, tiny_onnx, tmp_path / "c")
+    report = run_lint(one, tiny_onnx, tmp_path / "c")
     assert "label errors not checked: the folder has one class" in report["notes"]
     assert groups_with(report, "cats/img_001.jpg", "cats/dup.jpg") and report["imbalance"] is None
     flat = tmp_path / "flat"
@@ -177,6 +178,7 @@ def test_confident_learning_flags_confident_disagreement_only():
 
 
 @pytest.mark.slow
+@pytest.mark.datasets("hymenoptera")
 def test_planted_label_errors_and_duplicates_in_hymenoptera(tmp_path, hymenoptera, lite0_onnx):
     """5 % of the training labels flipped at random: lint finds >= 60 % of them at >= 50 % precision;
     photos of val/ copied into train/ (3 byte-identical, 3 resized and re-encoded): all reported as leakage."""

@@ -6,7 +6,8 @@ import pytest
 from conftest import encode, photo
 from PIL import Image
 
-from edgetl.data.preprocess import Spec, decode, frame_to_input, load_image, resize_crop
+from edgetl.spec import Spec
+from edgetl.data.preprocess import decode, frame_to_input, load_image, resize_crop
 from edgetl.errors import ImageError
 
 SPEC = Spec.from_crop_pct((64, 64), 0.875, (0.5,) * 3, (0.5,) * 3)

@@ -13,7 +13,8 @@ from edgetl.cli import main
 from edgetl.deploy import runtime
 from edgetl.errors import GateRefused, ModelError
 from edgetl.export import quantize as Q
-from edgetl.export.torch_onnx import check_model, sha256_bytes
+from edgetl.export.graph import check_model, prepare, sha256_bytes
+from edgetl.ort import session
 
 
 def cli(*args):
@@ -78,11 +79,11 @@ def test_check_refuses_a_repeated_opset_domain(tiny):
 
 def test_prepare_keeps_the_outputs(tiny):
     model = onnx.load(str(tiny[0]))
-    prepared = Q.prepare(model)
+    prepared = prepare(model)
     check_model(prepared)
     x = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    a = runtime.session(model.SerializeToString(), "cpu").run(None, {C.IMAGE: x})[0]
-    b = runtime.session(prepared.SerializeToString(), "cpu").run(None, {C.IMAGE: x})[0]
+    a = session(model.SerializeToString(), "cpu").run(None, {C.IMAGE: x})[0]
+    b = session(prepared.SerializeToString(), "cpu").run(None, {C.IMAGE: x})[0]
     assert np.abs(a - b).max() <= C.FUSE_ATOL
 
 
@@ -239,17 +240,20 @@ def test_fp16_keeps_uint8_in_float32_out_and_agrees(tiny, tmp_path):
 # --- the real default backbone ----------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_lite0_int8_on_hymenoptera_drops_at_most_one_point(lite0_onnx, hymenoptera, tmp_path):
+def test_lite0_int8_on_real_photos_drops_at_most_one_point(lite0_onnx, real_folder, tmp_path):
     """train-head --int8: the int8 copy goes through the same gate and lands in the same output set."""
+    _, data = real_folder
     out = tmp_path / "out"
-    r = cli("train-head", hymenoptera, "--backbone", lite0_onnx, "--cache", tmp_path / "cache", "-o", out, "--int8")
+    r = cli("train-head", data, "--backbone", lite0_onnx, "--cache", tmp_path / "cache", "-o", out, "--int8")
     assert r.exit_code == 0, r.output
-    prepared = Q.prepare(onnx.load(str(out / "model.onnx")))
+    prepared = prepare(onnx.load(str(out / "model.onnx")))
     ops = {n.op_type for n in prepared.graph.node}
     assert not ops & {"Shape", "Pad", "Gather"}, ops  # "same" padding folded into the convolutions
-    s = json.loads((out / "metrics.json").read_text())["int8"]
+    summary = json.loads((out / "metrics.json").read_text())
+    s = summary["int8"]
     assert s["written"] and (out / "model.int8.onnx").exists(), s  # about 2.5x faster here: far above the gate
-    assert s["validation"]["images"] == 153 and s["calibration"]["images"] == 200
+    n_train = sum(summary["counts"]["train"].values())
+    assert s["validation"]["images"] == summary["metrics"]["n"] and s["calibration"]["images"] == min(200, n_train)
     assert s["accuracy_drop"] <= 0.01 and s["agreement"] >= 0.97
     assert s["calibration"]["kept_float"]["what"] == "the first conv and the head"
     assert s["calibration"]["kept_float"]["nodes"][-1].startswith("head/")

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from edgetl import contract as C
 from edgetl.cli import main
-from edgetl.data.preprocess import Spec, load_image
+from edgetl.spec import Spec
+from edgetl.data.preprocess import load_image
 from edgetl.deploy import runtime
 from edgetl.train.heads import HeadConfig, train
 
@@ -103,14 +104,17 @@ def test_dataset_val_split_is_used(tmp_path, make_dataset, tiny_onnx):
 
 
 @pytest.mark.slow
-def test_default_backbone_on_hymenoptera_end_to_end(tmp_path, lite0_onnx, hymenoptera):
-    out = tmp_path / "hym"
-    r = cli("train-head", hymenoptera, "--backbone", lite0_onnx, "--cache", tmp_path / "c", "-o", out)
+def test_default_backbone_on_real_photos_end_to_end(tmp_path, lite0_onnx, real_folder):
+    name, data = real_folder
+    out = tmp_path / name
+    r = cli("train-head", data, "--backbone", lite0_onnx, "--cache", tmp_path / "c", "-o", out)
     assert r.exit_code == 0, r.output
     reported = float(r.output.split("val accuracy ")[1].split()[0])
+    balanced = float(r.output.split("balanced accuracy ")[1].split(";")[0])
     diff = float(r.output.split("max abs diff ")[1].split()[0])
-    assert reported >= 0.94 and diff <= 1e-5
-    ev = cli("evaluate", out / "model.onnx", hymenoptera, "--json")
+    # samples: 8 Tigger / 8 Misty / 70 neither, a validation set of ~18; hymenoptera: 153 validation photos
+    assert (reported >= 0.94 if name == "hymenoptera" else reported >= 0.8 and balanced >= 0.7) and diff <= 1e-5
+    ev = cli("evaluate", out / "model.onnx", data, "--json")
     assert ev.exit_code == 0
     assert round(json.loads(ev.output)["accuracy"], 4) == reported
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl import contract as C
 from edgetl.errors import CacheError
 from edgetl.files import mark_output, writable_dir, write_bytes
 
@@ -283,8 +284,6 @@ def _try_lock(path: Path):
 def open_for_backbone(root: str | os.PathLike, backbone_meta: dict[str, str], view: str = "center",
                       create: bool = True, graph_sha256: str = "") -> Namespace:
     """The namespace for an exported backbone.onnx, from its metadata and the hash of its graph."""
-    from edgetl import contract as C
-
     trunk = backbone_meta.get(C.KEY_FORMAT) == C.FORMAT_TRUNK
     try:
         ns = Namespace(root, backbone_meta[C.KEY_BACKBONE], backbone_meta[C.KEY_FINGERPRINT],

@@ -14,95 +14,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from edgetl import contract as C
+from edgetl.data import gpu, sources
 from edgetl.data.cache import Namespace, image_key, open_for_backbone
+from edgetl.data.encode import infer, prepare
+from edgetl.data.engines import Engine
+from edgetl.data.engines import ray as ray_engine
+from edgetl.data.gpu import BoundRunner
+from edgetl.data.index import FileIndex
 from edgetl.data.pipeline import prefetch_map
-from edgetl.data.preprocess import Spec, augment_view, decode_bgr, load_image, read_regular, view_seed
 from edgetl.data.scan import Dataset
-from edgetl.deploy.runtime import check_io, cpu_sessions, model_bytes, read_metadata, session
+from edgetl.data.sources import read_regular
 from edgetl.errors import CacheError, ImageError, ModelError
-
-
-def embed_batch(sess, spec: Spec, images) -> np.ndarray:
-    """Embed a batch: `images` are paths, encoded bytes, or uint8 [H,W,3] arrays already preprocessed.
-
-    Returns float32 [N, D]. Raises ImageError on the first image that cannot be decoded.
-    """
-    arrays = [im if isinstance(im, np.ndarray) else load_image(im, spec) for im in images]
-    return infer(sess, np.stack(arrays))
-
-
-def infer(sess, batch: np.ndarray) -> np.ndarray:
-    """One onnxruntime call: uint8 [N,H,W,3] → float32 [N, D] (a trunk's activation maps flattened)."""
-    out = sess.run([sess.get_outputs()[0].name], {C.IMAGE: batch})[0]
-    return out.reshape(len(out), -1)
-
-
-def prepare(data: bytes, spec: Spec, view: str = "center", key: bytes | None = None, name: str = "image") -> np.ndarray:
-    """The pixels the backbone sees for one encoded image: uint8 RGB [H,W,3], the deployment crop
-    (`load_image`) or, for view "aug<i>", that view's seeded augmentation (seeded by the content
-    `key`). ImageError (one line, naming it) when it cannot be decoded."""
-    if view == "center":
-        return load_image(data, spec, name)
-    return augment_view(decode_bgr(data, spec.resize_size, name), spec, view_seed(key or image_key(data), view))
-
-
-@dataclasses.dataclass
-class Embedded:
-    """What `embed_encoded` made of a batch of encoded images (indices refer to its input)."""
-
-    keys: list[bytes | None]  # the content key of every input; None where it could not be read
-    emb: np.ndarray  # float32 [len(new), D]: row j is the embedding of input new[j]
-    new: list[int]  # inputs embedded now (not in `known`, not a repeat of an earlier input)
-    errors: list[tuple[int, str]]  # (input index, one-line reason): unreadable images, never embedded
-
-
-def embed_encoded(sess, spec: Spec, blobs, names, view: str = "center", known=(), pool=None) -> Embedded:
-    """The per-batch function of every engine: encoded images (bytes, or an ImageError raised while
-    reading them) → content keys, float32 embeddings of those not in `known`, and one line per
-    image that cannot be used. `pool` (an Executor) decodes in its threads; None decodes here."""
-    keys: list[bytes | None] = [None] * len(blobs)
-    errors: list[tuple[int, str]] = []
-    todo: list[int] = []
-    seen: set[bytes] = set()
-    for i, data in enumerate(blobs):
-        if isinstance(data, Exception):
-            errors.append((i, str(data)))
-            continue
-        keys[i] = k = image_key(data)
-        if k not in known and k not in seen:
-            seen.add(k)
-            todo.append(i)
-
-    def one(i):
-        try:
-            return prepare(blobs[i], spec, view, keys[i], str(names[i]))
-        except ImageError as e:
-            return e
-
-    arrays, new = [], []
-    for i, arr in zip(todo, pool.map(one, todo) if pool is not None else map(one, todo)):
-        if isinstance(arr, ImageError):
-            errors.append((i, str(arr)))
-            keys[i] = None
-        else:
-            arrays.append(arr)
-            new.append(i)
-    errors.sort()
-    emb = infer(sess, np.stack(arrays)) if arrays else np.zeros((0, output_dim(sess)), np.float32)
-    return Embedded(keys, emb, new, errors)
-
-
-def output_dim(sess) -> int:
-    """The size of one flattened output row of a session (0 when its shape is not static)."""
-    dims = sess.get_outputs()[0].shape[1:]
-    return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else 0
+from edgetl.ort import check_io, cpu_sessions, graph_sha256, model_bytes, read_metadata, session
+from edgetl.spec import Spec
 
 
 def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | None = None, spin: bool = True):
@@ -121,56 +54,6 @@ def open_backbone(path: str | os.PathLike, device: str = "auto", threads: int | 
         raise ModelError(f"{p} is not an edgetl backbone (export one with `edgetl export-backbone`)")
     spec = check_io(sess, meta, p, C.ACTIVATION if meta[C.KEY_FORMAT] == C.FORMAT_TRUNK else C.EMBEDDING)
     return sess, spec, {**meta, "graph_sha256": graph_sha256(p)}
-
-
-def graph_sha256(path: str | os.PathLike | bytes) -> str:
-    """SHA-256 of an ONNX model's graph (weights included, metadata excluded): the bytes of the model's
-    `graph` field as they lie in the file (the same bytes as onnx's serialisation of the parsed graph,
-    found by walking the top-level fields instead of parsing everything: 9 ms instead of 30 for
-    EfficientNet-Lite0). `path` may be the file's bytes."""
-    import mmap
-
-    if isinstance(path, (bytes, bytearray)):
-        return _graph_field_sha256(path, "model")
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return _graph_field_sha256(m, path)
-    except (OSError, ValueError):
-        raise ModelError(f"{path}: cannot read its graph") from None
-
-
-def _graph_field_sha256(m, name) -> str:
-    import hashlib
-
-    def varint(i: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = m[i]
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value, i + 1
-            i, shift = i + 1, shift + 7
-
-    try:
-        i = 0
-        while i < len(m):
-            tag, i = varint(i)
-            if tag & 7 == 0:
-                i = varint(i)[1]
-            elif tag & 7 in (1, 5):
-                i += 8 if tag & 7 == 1 else 4
-            elif tag & 7 == 2:
-                n, i = varint(i)
-                if i + n > len(m):
-                    break
-                if tag >> 3 == 7:  # ModelProto.graph
-                    return hashlib.sha256(m[i:i + n]).hexdigest()
-                i += n
-            else:
-                break
-    except IndexError:
-        pass
-    raise ModelError(f"{name}: cannot read its graph")
 
 
 @dataclasses.dataclass
@@ -231,9 +114,6 @@ class _Sink:
     the caller goes on reading photos)."""
 
     def __init__(self, run, ns: Namespace, stages: dict, more=None, extra: int = 0):
-        import queue
-        import threading
-
         self.ns, self.stages, self.error = ns, stages, None
         self.more, self.extra, self.puts = more, extra if more is not None else 0, 0
         self.q: queue.Queue = queue.Queue(maxsize=2 * (1 + self.extra))
@@ -243,8 +123,6 @@ class _Sink:
         self._start(0, run)
 
     def _start(self, i: int, run):
-        import threading
-
         t = threading.Thread(target=self._loop, args=(i, run), name=f"edgetl-infer-{i}", daemon=True)
         self.threads.append(t)
         t.start()
@@ -322,15 +200,9 @@ def embed_folder(data: str | os.PathLike | Dataset, backbone: str | os.PathLike,
     (a data.engines.Engine) runs the work on a Ray cluster instead of here (`workers` and `decode` then
     do not apply), and gives the endpoint of an S3-compatible store.
     """
-    from edgetl.data import sources
-    from edgetl.data.engines import Engine
-    from edgetl.data.index import FileIndex
-
     engine = engine or Engine()
     t0 = time.perf_counter()
     if engine.name == "ray":
-        from edgetl.data.engines import ray as ray_engine
-
         ray_engine.check(engine, device)  # before any work: the extra, the options
     sess, spec, meta = open_backbone(backbone, "cpu" if engine.name == "ray" else device, threads, spin)
     provider = sess.get_providers()[0]
@@ -459,7 +331,6 @@ def _gpu_decoder(decode: str, provider: str, view: str, spec: Spec):
         if decode == "gpu" and provider != "CUDAExecutionProvider":
             raise ModelError("--decode gpu needs onnxruntime on CUDA (--device cuda)")
         return None
-    from edgetl.data import gpu
 
     if not gpu.usable("cuda"):
         if decode == "gpu":
@@ -485,8 +356,6 @@ def _cpu_runner(backbone: bytes, threads: int, spin: bool):
 def _runner(sess, on_gpu):
     """batch → float32 embeddings: bound to torch's CUDA tensors when decoding on the GPU."""
     if on_gpu is not None:
-        from edgetl.data.gpu import BoundRunner
-
         return BoundRunner(sess)
     return functools.partial(infer, sess)
 

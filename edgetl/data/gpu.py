@@ -11,12 +11,13 @@ CMYK, 12-bit...) goes through the CPU path. Training side only (needs torch and 
 
 from __future__ import annotations
 
-import numpy as np
-
 import warnings
 
-from edgetl.data.preprocess import MAX_PIXELS, Spec, _header_size, _truncated_jpeg, crop_box, load_image
+import numpy as np
+
+from edgetl.data.preprocess import MAX_PIXELS, crop_box, header_size, load_image, opencv, truncated_jpeg
 from edgetl.errors import ImageError
+from edgetl.spec import Spec
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
 
@@ -29,9 +30,7 @@ def usable(device: str = "cuda") -> bool:
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             return False
-        from edgetl.data.preprocess import _cv2
-
-        ok, jpeg = _cv2().imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))
+        ok, jpeg = opencv().imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))
         decode_jpeg([torch.from_numpy(jpeg.ravel())], mode=ImageReadMode.RGB, device=device)
         return True
     except Exception:  # noqa: BLE001 - any reason the GPU decoder cannot run here
@@ -153,10 +152,10 @@ class Decoder:
         for i, data in enumerate(datas):
             try:
                 info = jpeg_info(data)
-                size = info["size"] if info else _header_size(data, names[i])
+                size = info["size"] if info else header_size(data, names[i])
                 if size and size[0] * size[1] > MAX_PIXELS:
                     raise ImageError(f"{names[i]}: {size[0]}x{size[1]} pixels is over the limit of {MAX_PIXELS:,}")
-                if info and info["gpu"] and not _truncated_jpeg(data):
+                if info and info["gpu"] and not truncated_jpeg(data):
                     gpu.append(i)
                     orientation[i] = info["orientation"]
                 else:

@@ -10,6 +10,11 @@ import concurrent.futures as cf
 import os
 from typing import Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
+
+from edgetl.data.preprocess import load_image
+from edgetl.errors import ImageError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -44,11 +49,6 @@ def image_batches(paths: list, spec, batch_size: int = 32, workers: int | None =
 
     `paths` may hold any items when `path` maps an item to its file path; items come back as given.
     """
-    import numpy as np
-
-    from edgetl.data.preprocess import load_image
-    from edgetl.errors import ImageError
-
     def load(p):
         try:
             return load_image(path(p) if path else p, spec), None

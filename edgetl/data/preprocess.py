@@ -11,14 +11,16 @@ shrinking, INTER_CUBIC when enlarging), then take the centre `input_size` crop.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import hashlib
 import io
-import json
 import os
+import threading
 
 import numpy as np
 
+from edgetl.data.sources import read_regular
 from edgetl.errors import ImageError
+from edgetl.spec import Spec
 
 # Images above this many pixels are refused (headers are read first, nothing is decoded). JPEGs are
 # decoded at 1/2..1/8 scale when that is enough, so only a JPEG can come near this size in memory as
@@ -28,62 +30,9 @@ MAX_FULL_PIXELS = 100_000_000  # PNG, TIFF, WebP…: 100 MP is 300 MB of pixels
 # Decodes running at once (one per decode thread) share this many pixels: the memory of decoding stays
 # bounded however many threads decode huge images at the same time.
 DECODE_BUDGET_PIXELS = 150_000_000
-POLICY = "shorter-center/v1"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff",
-                  ".ppm", ".pgm", ".pbm", ".pnm", ".gif", ".jp2"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """How a backbone wants its pixels. Normalisation (mean/std) happens inside the ONNX graph."""
-
-    input_size: tuple[int, int]  # (height, width) fed to the graph
-    resize_size: int  # shorter side before the centre crop
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    policy: str = POLICY
-
-    @classmethod
-    def from_crop_pct(cls, input_size, crop_pct, mean, std) -> "Spec":
-        h, w = input_size
-        return cls((int(h), int(w)), int(round(min(h, w) / crop_pct)), tuple(map(float, mean)),
-                   tuple(map(float, std)))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Spec":
-        """Parse and check a spec (it comes from files, which may lie); ValueError saying what is wrong."""
-        d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError("the preprocessing spec is not an object")
-        size, resize = d.get("input_size"), d.get("resize_size")
-        if (not isinstance(size, list) or len(size) != 2 or not all(_is_int(v) for v in size)
-                or not all(MIN_SIDE <= v <= MAX_SIDE for v in size)):
-            raise ValueError(f"input_size {str(size)[:40]} is not two whole numbers in {MIN_SIDE}..{MAX_SIDE}")
-        if not _is_int(resize) or not min(size) <= resize <= 4 * max(size):
-            raise ValueError(f"resize_size {str(resize)[:40]} does not fit input_size {size}")
-        for key in ("mean", "std"):
-            v = d.get(key)
-            if (not isinstance(v, list) or len(v) != 3
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e3 for x in v)):
-                raise ValueError(f"{key} is not three numbers")
-        if not all(x > 0 for x in d["std"]):
-            raise ValueError("std must be positive")
-        if d.get("policy", POLICY) != POLICY:
-            raise ValueError(f"unknown resize policy {str(d.get('policy'))[:40]!r}")
-        return cls((size[0], size[1]), resize, tuple(map(float, d["mean"])), tuple(map(float, d["std"])), POLICY)
-
-
-MIN_SIDE, MAX_SIDE = 8, 4096  # input sizes a spec may state
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _cv2():
+def opencv():
     import cv2
 
     global _CV2_READY
@@ -115,7 +64,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
+def header_size(data: bytes, name: str) -> tuple[int, int] | None:
     """(width, height) from the image header without decoding the pixels (JPEG and PNG parsed here,
     other formats by Pillow when it is present)."""
     if data[:2] == b"\xff\xd8":
@@ -141,8 +90,6 @@ class _PixelBudget:
     """A counting semaphore over pixels: decodes wait until their pixels fit beside the others'."""
 
     def __init__(self, total: int):
-        import threading
-
         self.total, self.used = total, 0
         self.cond = threading.Condition()
 
@@ -165,7 +112,7 @@ _BUDGET = _PixelBudget(DECODE_BUDGET_PIXELS)
 UNKNOWN_SIZE_PIXELS = 12_000_000  # what a decode whose header we could not read is counted as
 
 
-def _truncated_jpeg(data: bytes) -> bool:
+def truncated_jpeg(data: bytes) -> bool:
     """A JPEG without its end marker: OpenCV would fill the missing part with grey, so check it fully."""
     if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
         return False
@@ -188,10 +135,10 @@ def decode_bgr(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarra
     and the image is a JPEG much larger than that, it is decoded at 1/2, 1/4 or 1/8 scale (never
     below `min_side`). Raises ImageError for empty, corrupt, non-image or oversized input.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     if not data:
         raise ImageError(f"{name}: empty file")
-    size = _header_size(data, name)
+    size = header_size(data, name)
     flag, pixels = cv2.IMREAD_COLOR, UNKNOWN_SIZE_PIXELS
     if size is not None:
         w, h = size
@@ -207,7 +154,7 @@ def decode_bgr(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarra
                 if min(w, h) // factor >= min_side:
                     flag, pixels = reduced, w * h // (factor * factor)
                     break
-    if _truncated_jpeg(data):
+    if truncated_jpeg(data):
         raise ImageError(f"{name}: truncated JPEG")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
@@ -231,7 +178,7 @@ def decode(data: bytes, min_side: int = 0, name: str = "image") -> np.ndarray:
     and the image is a JPEG much larger than that, it is decoded at 1/2, 1/4 or 1/8 scale (never
     below `min_side`). Raises ImageError for empty, corrupt, non-image or oversized input.
     """
-    return _cv2().cvtColor(decode_bgr(data, min_side, name), _cv2().COLOR_BGR2RGB)
+    return opencv().cvtColor(decode_bgr(data, min_side, name), opencv().COLOR_BGR2RGB)
 
 
 def crop_box(h: int, w: int, spec: Spec) -> tuple[int, int, int, int]:
@@ -251,7 +198,7 @@ def resize_crop(img: np.ndarray, spec: Spec) -> np.ndarray:
     Cropping first means only kept pixels are resampled. INTER_AREA when shrinking by more than 2×
     (anti-aliasing), INTER_LINEAR for milder shrinking, INTER_CUBIC when enlarging.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     top, left, ch, cw = crop_box(*img.shape[:2], spec)
     region = img[top:top + ch, left:left + cw]
     out_h, out_w = spec.input_size
@@ -275,43 +222,20 @@ def load_image(source: str | os.PathLike | bytes, spec: Spec, name: str | None =
     return frame_to_input(decode_bgr(data, min_side=spec.resize_size, name=name), spec)
 
 
-def read_regular(path: str | os.PathLike, name: str | None = None) -> bytes:
-    """The bytes of a regular file; ImageError for anything else (a FIFO would block, a device never end).
-
-    An "s3://bucket/key" string (an item of s3:// data, see data.sources) is read from its bucket.
-    """
-    import stat
-
-    if isinstance(path, str) and path.startswith("s3://"):
-        from edgetl.data.sources import read_uri
-
-        return read_uri(path, name)
-    name = name or str(path)
-    try:
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ImageError(f"{name}: not a regular file")
-            return f.read()
-    except OSError as e:
-        raise ImageError(f"{name}: {e.strerror}") from None
-
-
 def frame_to_input(bgr: np.ndarray, spec: Spec) -> np.ndarray:
     """A decoded BGR image or camera/video frame (OpenCV order) → uint8 RGB [H, W, 3] model input."""
-    return _cv2().cvtColor(resize_crop(bgr, spec), _cv2().COLOR_BGR2RGB)
+    return opencv().cvtColor(resize_crop(bgr, spec), opencv().COLOR_BGR2RGB)
 
 
 def view_seed(key: bytes, view: str) -> int:
     """A deterministic seed for augmented view `view` of the image whose cache key is `key`."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(key + view.encode()).digest()[:8], "little")
 
 
 def augment_view(bgr: np.ndarray, spec: Spec, seed: int) -> np.ndarray:
     """A seeded augmentation → uint8 RGB input: random resized crop (scale 0.25–1, ratio 3/4–4/3),
     horizontal flip, light brightness/contrast/saturation jitter (±20 %). Same seed, same pixels."""
-    cv2 = _cv2()
+    cv2 = opencv()
     rng = np.random.default_rng(seed)
     h, w = bgr.shape[:2]
     out_h, out_w = spec.input_size

@@ -13,14 +13,14 @@ import os
 import stat
 from pathlib import Path
 
-from edgetl.data.preprocess import IMAGE_SUFFIXES
+from edgetl.data.reading import IMAGE_SUFFIXES
 from edgetl.errors import DataError
 from edgetl.files import MARKER
 
 SPLITS = ("train", "val", "test")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
           b"\x00\x00\x00\x0cjP  ")
-_IGNORED = ("Thumbs.db", "__MACOSX", "desktop.ini")
+IGNORED = ("Thumbs.db", "__MACOSX", "desktop.ini")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,10 @@ def looks_like_image(path: Path) -> bool:
 
 
 def is_edgetl_output(folder: Path) -> bool:
-    return (folder / MARKER).is_file()
+    try:
+        return stat.S_ISREG(os.stat(Path(folder) / MARKER).st_mode)
+    except (OSError, ValueError):  # not there, or a folder that cannot be read (its walk says so)
+        return False
 
 
 class _Walker:
@@ -102,7 +105,7 @@ class _Walker:
     def entries(self, folder: Path) -> list[os.DirEntry]:
         try:
             with os.scandir(folder) as it:
-                return sorted((e for e in it if not e.name.startswith(".") and e.name not in _IGNORED),
+                return sorted((e for e in it if not e.name.startswith(".") and e.name not in IGNORED),
                               key=lambda e: e.name)
         except OSError as e:
             self.notes.append(f"skipped unreadable folder {folder}: {e.strerror}")
@@ -255,6 +258,12 @@ def scan(root: str | os.PathLike, exclude=()) -> Dataset:
         items = [Item(p, None, None) for p in found]
     if w.skipped_links:
         w.notes.append(f"{w.skipped_links} links to folders or files already scanned were not followed again")
+    by_case: dict[str, list[str]] = {}
+    for c in classes:
+        by_case.setdefault(c.casefold(), []).append(c)
+    for same in (v for v in by_case.values() if len(v) > 1):
+        w.notes.append(f"class folders {', '.join(same)} differ only in case: they are {len(same)} classes "
+                       "(merge them unless you mean it)")
     if not items:
         raise DataError(f"no images found in {root}")
     return Dataset(root, items, classes, layout, w.notes)

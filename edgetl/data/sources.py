@@ -5,7 +5,7 @@ same errors as `scan.scan` (which stays the truth for local folders): class fold
 splits or a flat folder; hidden entries and edgetl's own output folders skipped; an object is an
 image by its name's extension, else by its first bytes. For s3:// data, `Dataset.root` and each
 `Item.path` are "s3://bucket/key" strings and `Dataset.source` is the `S3Source` that listed them;
-`preprocess.read_regular` reads such a string through it, so everything that reads items (embed,
+`read_regular` reads such a string through it, so everything that reads items (embed,
 train-head's checks) works unchanged. Content keys are SHA-256 of the bytes, as everywhere.
 
 S3 needs the ray extra (s3fs). Credentials come from the usual variables (AWS_ACCESS_KEY_ID,
@@ -23,8 +23,9 @@ import hashlib
 import os
 from pathlib import PurePosixPath
 
-from edgetl.data.preprocess import IMAGE_SUFFIXES, read_regular
-from edgetl.data.scan import _IGNORED, Dataset, Item, image_signature, split_folders
+from edgetl.data.reading import IMAGE_SUFFIXES, MAX_FILE_BYTES, read_local, too_large
+from edgetl.data.scan import IGNORED, Dataset, Item, image_signature, split_folders
+from edgetl.data.scan import scan as scan_local
 from edgetl.errors import DataError, EdgetlError, ImageError
 from edgetl.files import MARKER
 
@@ -38,12 +39,18 @@ def is_remote(data) -> bool:
     return isinstance(data, str) and data.startswith("s3://")
 
 
+def read_regular(path, name: str | None = None) -> bytes:
+    """The bytes of a photo: a regular local file, or an "s3://bucket/key" string (an item of s3:// data)
+    read from its bucket. ImageError (one line, naming it) when it cannot be read."""
+    if is_remote(path):
+        return read_uri(path, name)
+    return read_local(path, name)
+
+
 def scan(data, exclude=(), endpoint_url: str | None = None) -> Dataset:
     """The Dataset under a local folder (`scan.scan`) or an s3://bucket/prefix; DataError when unusable."""
     if is_remote(data):
         return S3Source(endpoint_url).scan(data)
-    from edgetl.data.scan import scan as scan_local
-
     return scan_local(data, exclude)
 
 
@@ -134,7 +141,13 @@ class S3Source:
             region = c.get("AWS_REGION") or c.get("AWS_DEFAULT_REGION")
             if region:
                 kw["client_kwargs"] = {"region_name": region}
+            # A store that stops answering costs a bounded wait (three tries of each request, each one
+            # timed out), never a hang: EDGETL_S3_TIMEOUT seconds per connection and per read.
+            t = s3_timeout()
+            kw["config_kwargs"] = {"connect_timeout": t, "read_timeout": t,
+                                   "retries": {"max_attempts": 3, "mode": "standard"}}
             self._fs = s3fs.S3FileSystem(**kw)
+            self._fs.retries = 1  # s3fs's own retries (nested twice around botocore's): none
         return self._fs
 
     def config(self) -> dict:
@@ -199,29 +212,73 @@ class S3Source:
         return uri.encode()
 
     def read(self, uri: str, name: str | None = None) -> bytes:
-        """The object's bytes; ImageError (one line, naming it) when it cannot be read."""
+        """The object's bytes; ImageError (one line, naming it) when it cannot be read or is larger than
+        any photo (from its listed size, else from the bytes received: never more are fetched)."""
+        listed = self._stats.get(uri)
+        if listed is not None and listed.st_size > MAX_FILE_BYTES:
+            raise too_large(name or uri, listed.st_size)
+        if getattr(self, "_down", None):
+            raise ImageError(f"{name or uri}: not read: {self._down}")
+        if listed is not None and listed.st_size == 0:
+            return b""
         try:
-            return self.fs.cat_file(uri[len("s3://"):])
+            data = self.fs.cat_file(uri[len("s3://"):], start=0, end=MAX_FILE_BYTES + 1, timeout=_deadline())
         except Exception as e:  # noqa: BLE001 - any way a read can fail is one image skipped
+            if _empty_range(e):
+                return b""
+            self._note_down([e])
             raise ImageError(f"{name or uri}: {_reason(e)}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise too_large(name or uri, len(data))
+        return data
+
+    def _note_down(self, results) -> None:
+        """When every read of a call failed on a timeout or a refused connection, the store is taken as
+        gone for the rest of the run: later reads fail at once (a re-run reads what is missing)."""
+        if results and all(isinstance(e, BaseException) and _unreachable(e) for e in results):
+            self._down = f"{self._where('the store')} stopped answering ({_reason(results[0])})"
 
     def read_many(self, uris) -> list[bytes | ImageError]:
         """Many objects at once (concurrent requests): bytes, or the ImageError of each."""
         uris = list(uris)
-        keys = [u[len("s3://"):] for u in uris]
-        try:
-            got = self.fs.cat(keys, on_error="return") if keys else {}
+        big = {u: self._stats[u].st_size for u in uris if u in self._stats and self._stats[u].st_size > MAX_FILE_BYTES}
+        fetch = [u for u in uris if u not in big]
+        if getattr(self, "_down", None):  # the store stopped answering: no more waits, one line each
+            return [too_large(u, big[u]) if u in big else ImageError(f"{u}: not read: {self._down}") for u in uris]
+        keys = [u[len("s3://"):] for u in fetch]
+        try:  # at most one byte more than any photo of each (a larger one is refused below)
+            got = dict(zip(fetch, self.fs.cat_ranges(keys, [0] * len(keys), [MAX_FILE_BYTES + 1] * len(keys),
+                                                     on_error="return", timeout=_deadline()))) if keys else {}
         except Exception as e:  # noqa: BLE001 - the whole call failed: each one says why
-            got = {k: e for k in keys}
+            got = {u: e for u in fetch}
+        self._note_down([got.get(u) for u in fetch])
         out: list[bytes | ImageError] = []
-        for u, k in zip(uris, keys):
-            v = got.get(k, got.get(f"s3://{k}"))
-            if isinstance(v, (bytes, bytearray)):
-                out.append(bytes(v))
+        for u in uris:
+            v = got.get(u)
+            if isinstance(v, BaseException) and _empty_range(v):
+                v = b""
+            if u in big:
+                out.append(too_large(u, big[u]))
+            elif isinstance(v, (bytes, bytearray)):
+                out.append(bytes(v) if len(v) <= MAX_FILE_BYTES else too_large(u, len(v)))
             else:
                 out.append(ImageError(f"{u}: {_reason(v) if isinstance(v, BaseException) else 'not read'}"))
         return out
 
+
+
+def s3_timeout() -> float:
+    """Seconds to wait for an S3 connection or read: EDGETL_S3_TIMEOUT, default 30."""
+    try:
+        t = float(os.environ.get("EDGETL_S3_TIMEOUT", "30"))
+    except ValueError:
+        t = 30.0
+    return t if 0 < t < 3600 else 30.0
+
+
+def _deadline() -> float:
+    """The longest a call may wait in all (3 tries, each one connecting and reading, and the back-offs)."""
+    return 3 * (2 * s3_timeout() + 1) + 10
 
 
 def from_config(cfg: dict):
@@ -252,6 +309,16 @@ def _reason(e) -> str:
         return "access denied"
     text = " ".join(str(e).split())[:200]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _empty_range(e: BaseException) -> bool:
+    """The error of a ranged read of an empty object (its bytes are b"")."""
+    return "range is not satisfiable" in str(e).lower() or "InvalidRange" in str(e)
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A timeout or a connection that failed (botocore, aiohttp and fsspec name theirs so), not a refusal."""
+    return isinstance(e, (TimeoutError, ConnectionError)) or any(w in type(e).__name__ for w in ("Timeout", "Connect"))
 
 
 def _object_stat(info: dict) -> ObjectStat:
@@ -295,7 +362,7 @@ class _Node:
     def entries(self) -> list[tuple[str, bool]]:
         """(name, is a folder), by name, hidden and ignored names left out, as `scan` lists a folder."""
         names = [(n, True) for n in self.dirs] + [(n, False) for n in self.files]
-        return sorted((e for e in names if not e[0].startswith(".") and e[0] not in _IGNORED),
+        return sorted((e for e in names if not e[0].startswith(".") and e[0] not in IGNORED),
                       key=lambda e: (e[0], e[1]))
 
 

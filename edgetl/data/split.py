@@ -59,38 +59,46 @@ def folds(ds, keys: list[bytes | None], usable: list[int], k: int, seed: int) ->
     """k-fold cross-validation over the items `usable`, by content and stratified: every group of
     byte-identical photos is validated in exactly one fold (a class with a single group is always trained
     on). Folds without validation photos are left out."""
-    groups: dict[bytes, list[int]] = {}
-    for i in usable:
-        groups.setdefault(keys[i], []).append(i)
-    by_class: dict[str, list[list[int]]] = {c: [] for c in ds.classes}
-    for members in groups.values():
-        by_class[ds.items[members[0]].label].append(members)
-    rng = random.Random(seed)
-    val: list[list[int]] = [[] for _ in range(k)]
-    start = 0
-    for c in ds.classes:
-        gs = by_class[c]
-        rng.shuffle(gs)
-        if len(gs) < 2:
-            continue
-        for j, g in enumerate(gs):
-            val[(start + j) % k] += g
-        start += len(gs)  # classes smaller than k fall into different folds
+    by_class = class_groups(usable, keys.__getitem__, lambda i: ds.items[i].label, ds.classes)
+    val = deal(by_class, k, random.Random(seed).shuffle, ds.classes, skip_single=True)
     every = set(usable)
     return [Split(sorted(every - set(v)), sorted(v), f"fold {f + 1} of {k}, seed {seed}", False)
             for f, v in enumerate(val) if v]
 
 
-def _stratified(ds, keys, usable, val_fraction, seed, notes) -> Split:
-    groups: dict[bytes, list[int]] = {}
-    for i in usable:  # byte-identical photos form one group; input order kept
-        groups.setdefault(keys[i], []).append(i)
-    by_class: dict[str, list[list[int]]] = {c: [] for c in ds.classes}
-    conflicts = 0
+def class_groups(items, key_of, label_of, classes) -> dict:
+    """The one grouping of every split: `items` in groups of identical content (`key_of`), input order
+    kept, each group filed under the class of its first member (`label_of`); {class: [[item, …], …]}."""
+    groups: dict = {}
+    for i in items:
+        groups.setdefault(key_of(i), []).append(i)
+    by_class: dict = {c: [] for c in classes}
     for members in groups.values():
-        labels = {ds.items[i].label for i in members}
-        conflicts += len(labels) > 1
-        by_class[ds.items[members[0]].label].append(members)
+        by_class[label_of(members[0])].append(members)
+    return by_class
+
+
+def deal(by_class: dict, k: int, shuffle, order, skip_single: bool = False) -> list[list]:
+    """Whole groups dealt round-robin into k folds, class after class in `order` (each class shuffled by
+    `shuffle` first; the count goes on across classes, so small classes spread over different folds).
+    skip_single: a class with one group is in no fold (always trained on)."""
+    out: list[list] = [[] for _ in range(k)]
+    start = 0
+    for c in order:
+        gs = by_class[c]
+        shuffle(gs)
+        if skip_single and len(gs) < 2:
+            continue
+        for j, g in enumerate(gs):
+            out[(start + j) % k] += g
+        start += len(gs)
+    return out
+
+
+def _stratified(ds, keys, usable, val_fraction, seed, notes) -> Split:
+    by_class = class_groups(usable, keys.__getitem__, lambda i: ds.items[i].label, ds.classes)
+    groups = [g for gs in by_class.values() for g in gs]
+    conflicts = sum(len({ds.items[i].label for i in g}) > 1 for g in groups)
     rng = random.Random(seed)
     train, val, single = [], [], []
     for c in ds.classes:

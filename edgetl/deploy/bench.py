@@ -7,17 +7,25 @@ quantize gate uses the same function.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 
 from edgetl import contract as C
-from edgetl.errors import DataError, EdgetlError
+from edgetl.data.pipeline import image_batches
+from edgetl.data.preprocess import decode_bgr, frame_to_input
+from edgetl.deploy.runtime import expand_paths, load_model
+from edgetl.errors import DataError, EdgetlError, ImageError
+from edgetl.ort import session
 
 # --device → the onnxruntime provider that must run the model (never a silent fallback).
 EXPECTED_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -31,8 +39,10 @@ def percentiles(samples_s: list[float]) -> dict:
     def rank(q: float) -> float:
         return xs[min(n - 1, max(0, int(np.ceil(q * n)) - 1))] * 1e3
 
+    # The mean may lie below the median: runs often fall into two groups (e.g. when another process takes a
+    # core now and then), and a group of fast runs below the median pulls the mean under it. min shows it.
     return {"p50_ms": statistics.median(xs) * 1e3, "p90_ms": rank(0.90), "p99_ms": rank(0.99),
-            "mean_ms": statistics.fmean(xs) * 1e3, "runs": n}
+            "mean_ms": statistics.fmean(xs) * 1e3, "min_ms": xs[0] * 1e3, "runs": n}
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 50, warmup: int = 3,
@@ -74,6 +84,33 @@ def rss_bytes() -> int | None:
         return None
 
 
+# What one image of a batch costs in a session, as a multiple of its uint8 input (its float copy and the
+# activations alive at once; rounded up from EfficientNet-Lite0 at 224x224).
+BYTES_PER_INPUT_BYTE = 64
+
+
+def batch_bytes(batch: int, size) -> int:
+    """About how much memory a batch of `batch` images of `size` (h, w) needs in a session."""
+    return batch * int(size[0]) * int(size[1]) * 3 * BYTES_PER_INPUT_BYTE
+
+
+def available_bytes() -> int | None:
+    """The memory available to new work now (Linux MemAvailable; psutil elsewhere when installed)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except Exception:
+        return None
+
+
 def peak_rss_bytes() -> int | None:
     """Peak resident memory of this process so far."""
     try:
@@ -89,10 +126,6 @@ def model_memory(path, device: str, threads: int | None, batch: int, size: tuple
     """Peak resident memory (MB) that loading `path` and running one batch of `batch` adds to a
     process that has imported onnxruntime: measured in a child process, so that models measured one
     after the other do not share arenas and one-time costs. None when it cannot be measured."""
-    import json
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "edgetl.deploy.bench", "--memory", str(path), device, str(threads or 0), str(batch),
            *map(str, size)]
     try:
@@ -103,10 +136,6 @@ def model_memory(path, device: str, threads: int | None, batch: int, size: tuple
 
 
 def _memory_child(path: str, device: str, threads: int, batch: int, h: int, w: int) -> None:
-    import json
-
-    import onnxruntime  # noqa: F401  (imported before the baseline)
-
     base = rss_bytes()
     open_session(path, device, threads or None).run([C.PROBABILITIES], {C.IMAGE: _batch(None, batch, (h, w))})
     peak = peak_rss_bytes()
@@ -152,8 +181,6 @@ class OpenVINOSession:
 def open_session(path, device: str, threads: int | None, spin: bool = True):
     """A session on `device` (cpu, cuda: onnxruntime; openvino) whose first provider is the one asked
     for; EdgetlError otherwise. spin=False: idle onnxruntime threads do not busy-wait."""
-    from edgetl.deploy.runtime import session
-
     if device == "openvino":
         return OpenVINOSession(path, threads)
     sess = session(path, device, threads, spin)
@@ -177,9 +204,6 @@ def image_split(paths: list[Path], spec, runs: dict[str, Callable[[np.ndarray], 
 
     The steps are those of `load_image`, the one host-side preprocessing, timed one by one.
     """
-    from edgetl.data.preprocess import decode_bgr, frame_to_input
-    from edgetl.errors import ImageError
-
     read, decode, resize, infer = [], [], [], {n: [] for n in runs}
     inputs, skipped = [], 0
     for p in paths:
@@ -217,7 +241,7 @@ def image_split(paths: list[Path], spec, runs: dict[str, Callable[[np.ndarray], 
 
 def bench(models: list[str], device: str = "cpu", batches=(1,), threads=(None,), images: str | None = None,
           rounds: int = 50, budget_s: float = 10.0, max_images: int = 50, memory_check: bool = True,
-          spin: bool = True) -> dict:
+          spin: bool = True, max_memory_mb: float | None = None) -> dict:
     """Benchmark edgetl models: latency p50/p90/p99 and throughput per model × batch × threads.
 
     Models are timed interleaved in this process on `device` (cpu, cuda or openvino; the provider
@@ -225,16 +249,26 @@ def bench(models: list[str], device: str = "cpu", batches=(1,), threads=(None,),
     onnxruntime threads from busy-waiting (they otherwise slow the next model on a small CPU).
     With `images` (a folder, file or glob), the per-image split of time into read, decode, resize
     and inference. Memory is measured in a child process per model (`model_memory`). Returns a
-    JSON-ready dict.
+    JSON-ready dict. Refused before anything runs: more threads than this machine has cores, and
+    batches whose tensors would not fit `max_memory_mb` (default: half of the memory available now).
     """
-    from edgetl.deploy.runtime import expand_paths, load_model
-
     if not models:
         raise EdgetlError("no models to benchmark")
     threads = list(threads) or [None]
+    cores = os.cpu_count() or 1
+    if max(t or 0 for t in threads) > cores:
+        raise EdgetlError(f"--threads {max(t or 0 for t in threads)}: this machine has {cores} cores "
+                          f"(more threads than cores only wait for each other); use at most {cores}")
+    budget = max_memory_mb or (available_bytes() or 8e9) / 2 / 1e6
     loaded, info = {}, []
     for path in models:
         m = load_model(path, "cpu")  # validates it is an edgetl model
+        need = batch_bytes(max(batches), m.spec.input_size) / 1e6
+        if need > budget:
+            fits = max(1, int(budget * 1e6 // batch_bytes(1, m.spec.input_size)))
+            raise EdgetlError(f"--batch {max(batches)}: about {need:,.0f} MB of tensors at "
+                              f"{m.spec.input_size[0]}x{m.spec.input_size[1]}, over the memory budget of "
+                              f"{budget:,.0f} MB (--max-memory); batches up to {fits} fit")
         sessions = {t: open_session(path, device, t, spin) for t in threads}
         memory = model_memory(path, device, threads[0], max(batches), m.spec.input_size) if memory_check else None
         loaded[path] = (m, sessions)
@@ -249,8 +283,6 @@ def bench(models: list[str], device: str = "cpu", batches=(1,), threads=(None,),
         if not paths:
             raise DataError(f"--images {images}: no images found")
         if len(specs) == 1:
-            from edgetl.data.pipeline import image_batches
-
             photos = [a for _, batch, _ in image_batches(paths, next(iter(specs)), 32) if batch is not None
                       for a in batch]
     results = []
@@ -264,7 +296,6 @@ def bench(models: list[str], device: str = "cpu", batches=(1,), threads=(None,),
                 st = stats[row["path"]]
                 results.append({"model": row["path"], "precision": row["precision"], "provider": row["provider"],
                                 "batch": b, "threads": t or 0, **st, "throughput_ips": b / (st["p50_ms"] / 1e3)})
-    import onnxruntime as ort
 
     out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "device": device,
                        "spin": spin},
@@ -313,7 +344,5 @@ def _unique_names(r: dict) -> bool:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) == 8 and sys.argv[1] == "--memory":
         _memory_child(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))

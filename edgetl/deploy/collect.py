@@ -30,6 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.data.preprocess import opencv
+from edgetl.deploy.live import UNKNOWN
+from edgetl.errors import OutputError
+from edgetl.files import writable_dir, write_bytes, write_text
+
 HASH_SIZE = 16  # a HASH_SIZE x HASH_SIZE difference hash: 256 bits
 SAME_SCENE = 0.1  # fraction of differing hash bits at or below which two frames are the same scene
 JPEG_QUALITY = 95
@@ -39,9 +44,7 @@ def dhash(bgr: np.ndarray, size: int = HASH_SIZE) -> np.ndarray:
     """A difference hash: the frame in grey, area-averaged to size x (size+1), each pixel compared with
     its right neighbour → `size`² bits (packed uint8). Robust to noise, re-encoding and small brightness
     changes; a different scene flips about half of the bits."""
-    from edgetl.data.preprocess import _cv2
-
-    cv2 = _cv2()
+    cv2 = opencv()
     grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) if bgr.ndim == 3 else bgr
     small = cv2.resize(grey, (size + 1, size), interpolation=cv2.INTER_AREA).astype(np.int16)
     return np.packbits(small[:, 1:] > small[:, :-1])
@@ -55,7 +58,11 @@ def hash_distance(a: np.ndarray, hashes: np.ndarray) -> np.ndarray:
 def folder_name(label: str) -> str:
     """A class name as one safe folder name (model metadata may hold anything)."""
     name = re.sub(r"[\x00-\x1f/\\]", "_", label).strip() or "_"
-    return "_" + name if name.startswith(".") else name
+    name = "_" + name if name.startswith(".") else name
+    if len(name.encode("utf-8", "surrogateescape")) > 100:  # a file system takes 255 bytes a name: cut, keep it unique
+        tag = hashlib.sha256(label.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = name.encode("utf-8", "surrogateescape")[:90].decode("utf-8", "ignore").rstrip() + "-" + tag
+    return name
 
 
 def file_sha256(path) -> str:
@@ -81,10 +88,12 @@ class Collector:
     def __init__(self, folder, model, below: float | None = 0.6, margin: float | None = None,
                  threshold: float = 0.0, every: float = 1.0, max_frames: int | None = 500,
                  min_distance: float = SAME_SCENE, source: str = ""):
-        from edgetl.files import writable_dir
-
-        self.folder = writable_dir(folder)  # an unwritable folder is an error before the first frame
         self.classes = list(model.classes)
+        photos = _photo_folder_around(Path(folder), self.classes)
+        if photos is not None:  # the next train-head would train on the model's own guesses
+            raise OutputError(f"--collect {folder} is inside the photo folder {photos} (it holds the model's class "
+                              "folders): collect outside it, sort by hand, then move the photos in")
+        self.folder = writable_dir(folder)  # an unwritable folder is an error before the first frame
         self.model_sha256 = file_sha256(model.path)
         self.model_path = str(model.path)
         self.below, self.margin, self.threshold = below, margin, threshold
@@ -113,8 +122,6 @@ class Collector:
 
     def reason(self, probs: np.ndarray, decision: str) -> str | None:
         """Why this frame is worth keeping, or None when the model is sure enough."""
-        from edgetl.deploy.live import UNKNOWN
-
         order = np.argsort(-probs, kind="stable")
         top1 = float(probs[order[0]])
         top2 = float(probs[order[1]]) if len(order) > 1 else 0.0
@@ -152,10 +159,6 @@ class Collector:
         return path
 
     def _save(self, frame, probs, decision, why, h) -> Path:
-        from edgetl.data.preprocess import _cv2
-        from edgetl.errors import OutputError
-        from edgetl.files import write_bytes, write_text
-
         predicted = self.classes[int(np.argmax(probs))]
         folder = self.folder / folder_name(predicted)
         now = time.time()
@@ -165,7 +168,7 @@ class Collector:
         while (folder / f"{stem}.jpg").exists():  # two runs in the same millisecond
             n += 1
             stem = f"{frame.index:07d}-{stamp}-{n}"
-        ok, data = _cv2().imencode(".jpg", frame.bgr, [_cv2().IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        ok, data = opencv().imencode(".jpg", frame.bgr, [opencv().IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise OutputError(f"cannot encode frame {frame.index} as JPEG")
         sidecar = {
@@ -183,10 +186,29 @@ class Collector:
         """One line for the user: what was saved and what was skipped, and why."""
         c = self.counts
         skipped = [f"{n} {what}" for n, what in ((c.similar, "like a frame already saved"),
-                                                 (c.rate, f"within {self.every:g} s of the last one saved"),
+                                                 (c.rate, f"within {self.every:g} s of the last one saved "
+                                                          "(--collect-every 0 keeps them, for a clip whose "
+                                                          "scene changes faster)"),
                                                  (c.cap, f"over the cap of {self.max_frames}")) if n]
         return (f"collected {c.saved} of {c.candidates} unsure frames into {self.folder}"
                 + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+
+
+def _photo_folder_around(folder: Path, classes: list[str]) -> Path | None:
+    """The photo folder `folder` would be inside (an ancestor, up to three levels up, holding folders
+    named like at least two of the model's classes, directly or under train/val/test), or None."""
+    names = {folder_name(c) for c in classes}
+    need = min(2, len(names))
+    here = Path(os.path.abspath(folder))
+    for anc in list(here.parents)[:3]:
+        for base in (anc, anc / "train", anc / "val", anc / "test"):
+            try:
+                found = {e.name for e in os.scandir(base) if e.name in names and e.is_dir()}
+            except OSError:
+                continue
+            if len(found) >= need and need:
+                return anc
+    return None
 
 
 def sidecar_of(jpeg: str | os.PathLike) -> dict:

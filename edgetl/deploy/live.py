@@ -10,19 +10,29 @@ frame order.
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import contextlib
 import dataclasses
 import json
 import os
+import queue
+import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgetl.data.preprocess import decode_bgr, frame_to_input, read_regular
-from edgetl.errors import EdgetlError
+from edgetl.data.preprocess import decode_bgr, frame_to_input, opencv
+from edgetl.data.scan import image_by_content
+from edgetl.data.sources import read_regular
+from edgetl.deploy.runtime import expand_paths
+from edgetl.errors import EdgetlError, ModelError
+from edgetl.files import check_parent_writable, file_mode, writable_dir
+from edgetl.ort import cpu_sessions, model_bytes, read_metadata, session
 
 UNKNOWN = "unknown"
 
@@ -41,15 +51,9 @@ class SourceError(EdgetlError):
     pass
 
 
-def _cv2():
-    from edgetl.data.preprocess import _cv2 as get
-
-    return get()
-
-
 def open_camera(index: int, timeout_s: float = 5.0):
     """An opened cv2.VideoCapture; SourceError naming the indices that did open otherwise."""
-    cv2 = _cv2()
+    cv2 = opencv()
     cap = cv2.VideoCapture(index)
     if cap.isOpened():
         ok, _ = cap.read()
@@ -89,14 +93,20 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name="edgetl-capture", daemon=True)
 
     def _open(self):
-        cv2 = _cv2()
+        cv2 = opencv()
         if self.kind == "camera":
             self._cap = open_camera(int(self.target))
         elif self.kind == "files":
             self._files = list(self.target)
             return
         else:
-            self._cap = cv2.VideoCapture(str(self.target))
+            name, link = _opencv_name(Path(self.target)) if self.kind == "file" else (str(self.target), None)
+            if link is None and not _utf8(name):
+                raise SourceError(f"cannot open {name!r}: OpenCV takes only UTF-8 addresses")
+            try:
+                self._cap = cv2.VideoCapture(name)
+            finally:
+                _unlink_name(link)
             if not self._cap.isOpened():
                 raise SourceError(f"cannot open video source {self.target}")
         self.fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -118,7 +128,7 @@ class Capture:
                     print(f"skipped {path}: {e}", file=sys.stderr)
                     self._files.pop(index)
             return None
-        cv2 = _cv2()
+        cv2 = opencv()
         for attempt in range(self.retries + 1):
             ok, frame = self._cap.read()
             if ok and frame is not None:
@@ -191,8 +201,6 @@ class Capture:
 
 def resolve_source(camera: int | None, source: str | None):
     """(kind, target, latest_only) for --camera/--source. kind: camera | file | stream | files."""
-    from edgetl.deploy.runtime import expand_paths
-
     if camera is not None:
         return "camera", camera, True
     if source is None:
@@ -207,7 +215,6 @@ def resolve_source(camera: int | None, source: str | None):
         return "files", files, False
     if not p.exists():
         raise SourceError(f"no such file: {source}")
-    import stat
 
     mode = os.stat(p).st_mode
     if stat.S_ISCHR(mode):  # a capture device such as /dev/video0
@@ -215,7 +222,6 @@ def resolve_source(camera: int | None, source: str | None):
     if not stat.S_ISREG(mode):
         raise SourceError(f"{source} is not a regular file (a FIFO, socket or device); give a video file, a URL "
                           "or --camera")
-    from edgetl.data.scan import image_by_content
 
     return ("files", [p], False) if image_by_content(p) else ("file", p, False)
 
@@ -241,7 +247,7 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float, top_k: int):
 
 def draw(frame: np.ndarray, label: str, prob: float, top, fps: float, stages: dict[str, float]) -> np.ndarray:
     """Overlay: label and confidence, top-k bars, FPS and per-stage latency."""
-    cv2 = _cv2()
+    cv2 = opencv()
     img = frame.copy()
     h, w = img.shape[:2]
     scale = max(0.5, w / 900)
@@ -304,8 +310,6 @@ class _Signalled(BaseException):
 @contextlib.contextmanager
 def _stop_on_signals():
     """SIGTERM and SIGHUP end the loop like Ctrl-C does (the video is finalised), in the main thread."""
-    import signal
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -333,7 +337,7 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
 
     `collect`: an object whose `offer(frame, probabilities, label)` sees every frame (a
     deploy.collect.Collector keeps the unsure ones); its `start(source, timed)` is called first."""
-    cv2 = _cv2()
+    cv2 = opencv()
     out = out or sys.stdout
     kind, target, latest_only = resolve_source(camera, source)  # the source first: its errors come first
     cap = Capture(kind, target, model.spec, latest_only)
@@ -344,6 +348,14 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
             raise EdgetlError("no display to open a window on; use --headless (JSON lines) and/or --save out.mp4")
         window = False
         log(f"no display: no window, saving to {save}")
+    if window and "GUI: NONE" in " ".join(cv2.getBuildInformation().split()):  # opencv-python-headless
+        gui = ("this OpenCV is the headless build (no windows); for a window: "
+               "pip uninstall -y opencv-python-headless && pip install opencv-python")
+        if not save:
+            cap.stop()
+            raise EdgetlError(f"{gui}; or use --headless (JSON lines) and/or --save out.mp4")
+        window = False
+        log(f"{gui}; saving to {save} without a window")
     if window:
         _qt_fonts()
     names = ", ".join(model.classes[:6]) + (", …" if len(model.classes) > 6 else "")
@@ -395,8 +407,6 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
             except KeyboardInterrupt:
                 ended, code = "interrupted", 130
             except _Signalled as s:
-                import signal
-
                 ended, code = f"terminated ({signal.Signals(s.signum).name})", 128 + s.signum
             except BrokenPipeError:  # `edgetl run --headless | head`: the reader left
                 ended = "output closed"
@@ -420,9 +430,6 @@ def _lanes(model) -> list:
     measured on 2 cores, medians of 7 interleaved rounds: 0.87 of the bare 2-thread session's frames per
     second instead of 0.78, and steady, 167-177 FPS where one session swung between 110 and 161). A
     camera or a stream keeps the one session: its newest frame, soonest."""
-    from edgetl.deploy.runtime import cpu_sessions, model_bytes, read_metadata, session
-    from edgetl.errors import ModelError
-
     n, threads = cpu_sessions()
     if model.provider != "CPUExecutionProvider" or n < 2:
         return [model.frame_runner()]
@@ -444,8 +451,6 @@ def _inferred(cap: Capture, runners: list, max_frames: int | None):
             n += 1
             yield frame, raw, (time.perf_counter() - t0) * 1e3
         return
-    import concurrent.futures as cf
-    import queue
 
     free: queue.Queue = queue.Queue()
     for r in runners:
@@ -485,30 +490,67 @@ def _silence_stdout() -> None:
         pass
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _opencv_name(path: Path) -> tuple[str, str | None]:
+    """A name OpenCV can open for `path`, and the temporary link folder to remove once it is open.
+
+    OpenCV takes names as UTF-8 only: a name with bytes that are not UTF-8 (which Python holds as
+    surrogates) crashed it. Such a path is reached through a link with an ASCII name in a fresh
+    temporary folder: to the file itself, or, when only its folder's name is the problem (a file to
+    be written under an ASCII name), to the folder."""
+    name = str(path)
+    if _utf8(name):
+        return name, None
+
+    tmp = tempfile.mkdtemp(prefix="edgetl-name-")
+    if _utf8(path.name):
+        os.symlink(os.path.abspath(path.parent), os.path.join(tmp, "d"))
+        return os.path.join(tmp, "d", path.name), tmp
+    suffix = path.suffix if _utf8(path.suffix) else ""
+    os.symlink(os.path.abspath(path), os.path.join(tmp, "source" + suffix))
+    return os.path.join(tmp, "source" + suffix), tmp
+
+
+def _unlink_name(tmp: str | None) -> None:
+    if tmp is not None:
+        for entry in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, entry))
+        os.rmdir(tmp)
+
+
 class _Video:
     """An annotated video written under a temporary name beside `path` and renamed into place by
     `close()`, so `path` is always either absent, the previous file, or a finished video."""
 
     def __init__(self, path: str):
-        from edgetl.files import check_parent_writable
-
         self.final = Path(path)
         check_parent_writable(self.final.parent / "x")
-        self.tmp = self.final.parent / f".{self.final.stem}.partial{self.final.suffix}"
+        # A name of its own (two runs may save to the same file at once), ASCII whatever the final name
+        suffix = self.final.suffix if self.final.suffix.isascii() else ".avi"
+        self.tmp = self.final.parent / f".edgetl-{os.getpid()}-{os.urandom(4).hex()}.partial{suffix}"
         self.video = None
         self.size: tuple[int, int] | None = None
         self.frames = 0
 
     def write(self, img: np.ndarray, fps: float) -> None:
-        cv2 = _cv2()
+        cv2 = opencv()
         if self.video is None:
-            from edgetl.files import writable_dir
-
             writable_dir(self.final.parent)
             self.size = (img.shape[1], img.shape[0])
             mp4 = self.final.suffix.lower() in (".mp4", ".m4v", ".mov")
-            self.video = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*("mp4v" if mp4 else "MJPG")), fps,
-                                         self.size)
+            name, link = _opencv_name(self.tmp)
+            try:
+                self.video = cv2.VideoWriter(name, cv2.VideoWriter_fourcc(*("mp4v" if mp4 else "MJPG")), fps,
+                                             self.size)
+            finally:
+                _unlink_name(link)
             if not self.video.isOpened():
                 self.video = None
                 raise EdgetlError(f"cannot write video {self.final} (try a .mp4 or .avi name)")
@@ -526,7 +568,6 @@ class _Video:
         if not self.frames:
             self.tmp.unlink(missing_ok=True)
             return None
-        from edgetl.files import file_mode
 
         os.chmod(self.tmp, file_mode())
         os.replace(self.tmp, self.final)

@@ -12,7 +12,13 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl import contract as C
+from edgetl.data.preprocess import load_image
 from edgetl.errors import ModelError, ParityError
+from edgetl.export.graph import check_model, dedupe_opsets, load, metadata, set_metadata, sha256_bytes
+from edgetl.export.torch_onnx import check_batches, check_parity, default_check_images, max_abs_diff, to_onnx, with_softmax
+from edgetl.files import write_bytes
+from edgetl.ort import session
+from edgetl.spec import Spec
 
 
 def export_head(head, dim: int, classes: list[str], extra_meta: dict[str, str], atol: float = C.HEAD_ATOL):
@@ -21,10 +27,6 @@ def export_head(head, dim: int, classes: list[str], extra_meta: dict[str, str], 
     Checked against PyTorch on random embeddings at batch sizes 1 and 3 (exported at 2).
     """
     import torch
-
-    from edgetl.deploy.runtime import session
-    from edgetl.export.torch_onnx import check_parity, to_onnx
-    from edgetl.train.heads import with_softmax
 
     module = with_softmax(head)
     meta = {C.KEY_FORMAT: C.FORMAT_HEAD, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes),
@@ -35,18 +37,12 @@ def export_head(head, dim: int, classes: list[str], extra_meta: dict[str, str], 
     return model, check_parity(module, session(model.SerializeToString(), "cpu"), batches, C.EMBEDDING, "head", atol)
 
 
-def _meta(model) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def fuse(backbone, head):
     """Merge two onnx.ModelProto (backbone, head) into one: image → probabilities, metadata combined."""
     import onnx
     from onnx import compose
 
-    from edgetl.export.torch_onnx import check_model, dedupe_opsets, set_metadata, sha256_bytes
-
-    bm, hm = _meta(backbone), _meta(head)
+    bm, hm = metadata(backbone), metadata(head)
     pairs = {C.FORMAT_BACKBONE: C.FORMAT_HEAD, C.FORMAT_TRUNK: C.FORMAT_TOP}
     if bm.get(C.KEY_FORMAT) not in pairs:
         raise ModelError("the first model is not an edgetl backbone or trunk")
@@ -94,9 +90,6 @@ def check_fused(fused, backbone, head, batches, atol: float = C.FUSE_ATOL) -> tu
 
     Returns (max abs diff, images checked, the fused probabilities per batch).
     """
-    from edgetl.deploy.runtime import session
-    from edgetl.export.torch_onnx import max_abs_diff
-
     sf, sb, sh = (session(m.SerializeToString(), "cpu") for m in (fused, backbone, head))
     link = backbone.graph.output[0].name
     worst, n, outs = 0.0, 0, []
@@ -113,35 +106,12 @@ def check_fused(fused, backbone, head, batches, atol: float = C.FUSE_ATOL) -> tu
     return worst, n, outs
 
 
-def load(path, kind: str | tuple[str, ...]):
-    """Load an ONNX file and check it is the edgetl artifact `kind` (or one of several); ModelError otherwise."""
-    from pathlib import Path
-
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"not found: {p}")
-    try:
-        m = onnx.load(str(p))
-    except Exception:
-        raise ModelError(f"{p} is not an ONNX model") from None
-    kinds = (kind,) if isinstance(kind, str) else kind
-    if _meta(m).get(C.KEY_FORMAT) not in kinds:
-        raise ModelError(f"{p} is not an edgetl {' or '.join(kinds)}")
-    return m
-
-
 def fuse_files(first_path, second_path, out, check_images: list[str] | None = None) -> tuple[float, int]:
     """`edgetl fuse`: backbone+head (or trunk+top) files → a checked model file. (max abs diff, images)."""
-    from edgetl.data.preprocess import Spec, load_image
-    from edgetl.export.torch_onnx import check_batches, default_check_images
-    from edgetl.files import write_bytes
-
     first = load(first_path, (C.FORMAT_BACKBONE, C.FORMAT_TRUNK))
-    second = load(second_path, C.FORMAT_TOP if _meta(first).get(C.KEY_FORMAT) == C.FORMAT_TRUNK else C.FORMAT_HEAD)
+    second = load(second_path, C.FORMAT_TOP if metadata(first).get(C.KEY_FORMAT) == C.FORMAT_TRUNK else C.FORMAT_HEAD)
     fused = fuse(first, second)
-    spec = Spec.from_json(_meta(first)[C.KEY_PREPROCESS])
+    spec = Spec.from_json(metadata(first)[C.KEY_PREPROCESS])
     images = [load_image(p, spec) for p in (check_images or default_check_images())]
     worst, n, _ = check_fused(fused, first, second, check_batches(images))
     write_bytes(out, fused.SerializeToString())

@@ -14,9 +14,7 @@ atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import platform
@@ -28,14 +26,21 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl import contract as C
+from edgetl.deploy.bench import time_interleaved
+from edgetl.deploy.runtime import load_model, select_split
 from edgetl.errors import DataError, GateRefused, ModelError, OutputError, ParityError
+from edgetl.export.calibrate import Images, calibration_images, float_plans, input_chain, to_fp16, to_int8
+from edgetl.export.graph import check_model, load, metadata, prepare, set_metadata, sha256_bytes
+from edgetl.export.torch_onnx import max_abs_diff
+from edgetl.files import writable_dir, write_bytes
+from edgetl.ort import session
+from edgetl.quality.metrics import metrics
 
 PRECISIONS = ("int8", "fp16")
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 MIN_SPEEDUP = 1.05  # "faster" means at least this ratio of medians (two-core machines are noisy)
 GATE_ROUNDS = 100  # interleaved batch-1 runs per model, at most (GATE_BUDGET_S bounds the time)
 GATE_BUDGET_S = 10.0
-_IN_MEMORY_BYTES = 1 << 30  # validation images kept decoded up to this size, else decoded again per pass
 
 
 @dataclasses.dataclass
@@ -93,292 +98,16 @@ def default_reduce_range() -> bool:
 # Preparing the float graph
 
 
-def prepare(model):
-    """A float model ready for int8/fp16 conversion, with the same outputs.
-
-    One opset import per domain; the shape arithmetic of TF-style "same" padding (Shape → Gather →
-    ... → Pad, recomputed at run time) folded into constants, since only the batch size varies;
-    dead nodes dropped; onnxruntime's basic (hardware-independent) optimisations applied, which then
-    merge each constant Pad into its Conv. Unfolded, the quantizer would quantize the padding
-    arithmetic itself and leave float Pads between int8 convolutions.
-    """
-    import onnx
-
-    from edgetl.export.torch_onnx import dedupe_opsets
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    dedupe_opsets(m)
-    for _ in range(32):  # each pass makes the next padding's input shape known
-        folded = _fold_shape_gathers(m)
-        m = _ort_basic(m)
-        if not folded:
-            break
-    _drop_dead_nodes(m)
-    _prune_opsets(m)
-    return m
-
-
-def _fold_shape_gathers(model) -> int:
-    """Replace Gather(Shape(x), i) by a constant where dimension i of x is known. Returns how many."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-              for vi in (*g.value_info, *g.input, *g.output)}
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    dims_of = {}
-    for n in model.graph.node:
-        if n.op_type == "Shape" and n.input[0] in shapes:
-            a = {x.name: x.i for x in n.attribute}
-            dims = shapes[n.input[0]]
-            dims_of[n.output[0]] = dims[a.get("start", 0):a.get("end", len(dims))]
-    nodes, folded = [], 0
-    for n in model.graph.node:
-        axis = next((x.i for x in n.attribute if x.name == "axis"), 0)
-        if n.op_type == "Gather" and n.input[0] in dims_of and n.input[1] in consts and axis == 0:
-            idx, dims = consts[n.input[1]], dims_of[n.input[0]]
-            vals = [dims[int(i)] if -len(dims) <= int(i) < len(dims) else None for i in np.ravel(idx)]
-            if vals and all(v for v in vals):
-                value = numpy_helper.from_array(np.array(vals, dtype=np.int64).reshape(idx.shape))
-                nodes.append(helper.make_node("Constant", [], [n.output[0]], name=f"{n.name}/folded", value=value))
-                folded += 1
-                continue
-        nodes.append(n)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return folded
-
-
-def _ort_basic(model):
-    """onnxruntime's basic graph optimisations (constant folding, Pad+Conv...), offline."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="edgetl-prep-") as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save(model, str(src))
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(dst)
-        so.log_severity_level = 3
-        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-        return onnx.load(str(dst))
-
-
-def _drop_dead_nodes(model) -> None:
-    """Remove nodes whose outputs nobody reads, and initializers no node reads."""
-    g = model.graph
-    while True:
-        used = {o.name for o in g.output} | {i for n in g.node for i in n.input}
-        live = [n for n in g.node if any(o in used for o in n.output)]
-        if len(live) == len(g.node):
-            break
-        del g.node[:]
-        g.node.extend(live)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-
-
-def _prune_opsets(model) -> None:
-    """Keep the opset imports of domains that nodes use (onnxruntime's optimiser adds all it knows)."""
-    used = {n.domain or "" for n in model.graph.node} | {""}
-    keep = [(o.domain, o.version) for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
-    del model.opset_import[:]
-    for d, v in keep:
-        model.opset_import.add(domain=d, version=v)
-
-
-def _input_chain(model) -> list[str]:
-    """The nodes between the uint8 image and the first convolution (transpose, cast, normalisation)."""
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    chain, frontier = [], [C.IMAGE]
-    while frontier:
-        t = frontier.pop()
-        for n in consumers.get(t, []):
-            if n.op_type in ("Transpose", "Cast", "Mul", "Add", "Sub", "Div") and n.name not in chain:
-                chain.append(n.name)
-                frontier.extend(n.output)
-    return chain
-
-
-def float_plans(model) -> list[tuple[str, list[str]]]:
-    """Which nodes int8 keeps in float, in the order tried: [(label, node names)].
-
-    First: the first convolution and the trained head ("head/" nodes of the fused model). Measured
-    on EfficientNet-Lite0 (scripts/bench_quantize.py), this is both faster than quantizing them (an
-    int8 convolution over 3 input channels, after quantizing the image, is slow: 2.4x vs 1.9x over
-    float32 at batch 1) and as accurate. When the gate fails: also every depthwise convolution (the
-    kind known to lose most in EfficientNet and MobileNet).
-    """
-    nodes = list(model.graph.node)
-    convs = [n for n in nodes if n.op_type == "Conv"]
-    stem = [convs[0].name] if convs else []
-    head = [n.name for n in nodes if n.name.startswith("head/") and n.op_type in ("Gemm", "MatMul", "Conv")]
-    dw = [n.name for n in convs[1:] if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    what = " and ".join(w for w, names in (("the first conv", stem), ("the head", head)) if names) or "nothing"
-    plans = [(what, stem + head)]
-    if dw:
-        plans.append((f"{what.replace(' and ', ', ')} and {len(dw)} depthwise convs", stem + head + dw))
-    return plans
-
-
 # ---------------------------------------------------------------------------------------------------
 # Images
-
-
-class _Images:
-    """Labelled photos decoded with `load_image`: kept in memory when small, else decoded per pass."""
-
-    def __init__(self, items, spec, classes: list[str], batch_size: int = 32):
-        self.items, self.spec, self.batch_size = items, spec, batch_size
-        self.labels_of = {it.path: classes.index(it.label) for it in items}
-        h, w = spec.input_size
-        self._cache = [] if len(items) * h * w * 3 <= _IN_MEMORY_BYTES else None
-        self.skipped: list = []
-        self._filled = False
-
-    def batches(self):
-        """Yield (uint8 [n,H,W,3], labels int [n])."""
-        if self._filled:
-            yield from self._cache
-            return
-        from edgetl.data.pipeline import image_batches
-
-        skipped = []
-        for paths, batch, errors in image_batches([it.path for it in self.items], self.spec, self.batch_size):
-            skipped += errors
-            if batch is not None:
-                b = (batch, np.array([self.labels_of[p] for p in paths]))
-                if self._cache is not None:
-                    self._cache.append(b)
-                yield b
-        self.skipped = skipped
-        self._filled = self._cache is not None
-
-
-def calibration_images(items, spec, n: int, seed: int = 0) -> tuple[list[np.ndarray], int]:
-    """Up to n decoded training photos, classes taking turns (each shuffled, seeded). (images, skipped)."""
-    from edgetl.data.pipeline import image_batches
-
-    rng = np.random.default_rng(seed)
-    by_class: dict[str, list] = {}
-    for it in items:
-        by_class.setdefault(it.label, []).append(it.path)
-    queues = [list(np.array(v, dtype=object)[rng.permutation(len(v))]) for _, v in sorted(by_class.items())]
-    order = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
-    out, skipped = [], 0
-    for _, batch, errors in image_batches(order[: 2 * n], spec, 32):
-        skipped += len(errors)
-        if batch is not None:
-            out.extend(batch)
-        if len(out) >= n:
-            break
-    return out[:n], skipped
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over decoded images, in batches; `set_range` lets the
-    calibrator collect one batch at a time (memory stays flat, for histogram methods too)."""
-
-    def __init__(self, images: list[np.ndarray], batch: int = 8):
-        self.batches = [np.stack(images[i:i + batch]) for i in range(0, len(images), batch)]
-        self.set_range(0, len(self.batches))
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._it = iter(self.batches[start_index:end_index])
-
-    def get_next(self):
-        b = next(self._it, None)
-        return None if b is None else {C.IMAGE: b}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """onnxruntime's quantizer logs advice through the root logger, prints, and its sessions warn in C++."""
-    import logging
-
-    import onnxruntime as ort
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    ort.set_default_logger_severity(3)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
-            yield
-    finally:
-        root.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Converters
 
 
-def _int8(prepared_path: Path, out_path: Path, images, calibration: str, reduce_range: bool, exclude: list[str],
-          cache_path: Path):
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[calibration]
-    with _quiet():
-        quantize_static(str(prepared_path), str(out_path), _Reader(images), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
-                        calibration_cache_path=str(cache_path), extra_options={"CalibStridedMinMax": 1})
-    return onnx.load(str(out_path))
-
-
-def _fp16(prepared, exclude: list[str]):
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    with _quiet():
-        m = convert_float_to_float16(prepared, keep_io_types=True, node_block_list=exclude)
-    _toposort(m)  # the converter appends the casts it adds at the end of the node list
-    return m
-
-
-def _toposort(model) -> None:
-    """Order the graph's nodes so that each comes after the producers of its inputs (stable)."""
-    g = model.graph
-    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    pending, ordered = list(g.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ModelError("the converted graph has a cycle or a missing input; nothing written")
-        pending = rest
-    nodes = [type(n)() for n in ordered]
-    for new, old in zip(nodes, ordered):
-        new.CopyFrom(old)
-    del g.node[:]
-    g.node.extend(nodes)
-
-
 def _check_io(model, source) -> None:
     """The converted model keeps the contract: image uint8 [N,H,W,3] in, probabilities float32 [N,C] out."""
-    from edgetl.export.torch_onnx import check_model
-
     def sig(m):
         return [(v.name, v.type.tensor_type.elem_type, [d.dim_value for d in v.type.tensor_type.shape.dim][1:])
                 for v in (*m.graph.input, *m.graph.output)]
@@ -393,7 +122,7 @@ def _check_io(model, source) -> None:
 # The gate
 
 
-def _predict(sess, images: _Images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predictions(sess, images: Images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(predicted class, top probability, true label) per validation image."""
     pred, top, true = [], [], []
     for batch, labels in images.batches():
@@ -401,14 +130,14 @@ def _predict(sess, images: _Images) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         pred.append(p.argmax(1))
         top.append(p.max(1))
         true.append(labels)
+    if not pred:  # not one photo could be read: the caller says so in one line
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
     return np.concatenate(pred), np.concatenate(top), np.concatenate(true)
 
 
 def _load_source(model, work: Path):
     """(proto, bytes, path on disk, display name) of the float32 model; ModelError when unusable."""
     import onnx
-
-    from edgetl.export.fuse import load
 
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -419,7 +148,7 @@ def _load_source(model, work: Path):
         data, name = proto.SerializeToString(), "the model"
         path = work / "float32.onnx"
         path.write_bytes(data)
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = metadata(proto)
     if meta.get(C.KEY_FORMAT) != C.FORMAT_MODEL:
         raise ModelError(f"{name} is not an edgetl model")
     if meta.get(C.KEY_PRECISION, "float32") != "float32":
@@ -443,10 +172,6 @@ def quantize_model(model, data, precision: str = "int8", max_drop: float = 0.01,
     and not `force`; DataError when there are no calibration or validation photos; ModelError
     when the model is not a float32 edgetl model.
     """
-    from edgetl.deploy.runtime import load_model, select_split, session
-    from edgetl.export.torch_onnx import sha256_bytes
-    from edgetl.quality.report import metrics
-
     log = log or (lambda line: None)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
@@ -454,7 +179,8 @@ def quantize_model(model, data, precision: str = "int8", max_drop: float = 0.01,
         raise ValueError(f"calibration must be one of {CALIBRATIONS}")
     device = device or ("cpu" if precision == "int8" else "auto")
     rr = default_reduce_range() if reduce_range is None else bool(reduce_range)
-    with tempfile.TemporaryDirectory(prefix="edgetl-quant-") as tmp:
+    _remove_stale_work()
+    with tempfile.TemporaryDirectory(prefix=f"edgetl-quant-{os.getpid()}-") as tmp:
         work = Path(tmp)
         source, source_bytes, source_path, name = _load_source(model, work)
         fm = load_model(source_path, "cpu")
@@ -462,18 +188,20 @@ def quantize_model(model, data, precision: str = "int8", max_drop: float = 0.01,
             val = select_split(fm, data, "val")
         except DataError as e:
             raise DataError(f"no validation photos to check the {precision} model on ({e})") from None
-        images = _Images(val.items, fm.spec, fm.classes)
+        images = Images(val.items, fm.spec, fm.classes)
         s_float = session(source_bytes, device, threads)
         provider = s_float.get_providers()[0]
-        f_pred, _, y = _predict(s_float, images)
+        f_pred, _, y = predictions(s_float, images)
         if not len(y):
-            raise DataError(f"none of the {len(val.items)} validation photos of {data} could be read")
+            first = f" (first: {images.skipped[0]})" if images.skipped else ""
+            raise DataError(f"none of the {len(val.items)} validation photos of {data} could be read{first}; "
+                            "nothing written")
         f_metrics = metrics(y, f_pred, fm.classes)
         log(f"float32: val accuracy {f_metrics['accuracy']:.4f} on {len(y)} photos ({val.note}), {provider}")
 
         x_check = next(images.batches())[0][:8]
         prepared = _checked_prepare(source, source_bytes, x_check, work / "prepared.onnx")
-        always_float = _input_chain(prepared) + [n.name for n in prepared.graph.node if n.op_type == "Softmax"]
+        always_float = input_chain(prepared) + [n.name for n in prepared.graph.node if n.op_type == "Softmax"]
         calib, plans = None, [("nothing", [])]
         if precision == "int8":
             cal_images, calib = _calibration_set(fm, data, val, calib_images, calibration, rr, select_split)
@@ -490,12 +218,12 @@ def quantize_model(model, data, precision: str = "int8", max_drop: float = 0.01,
         chosen = None
         for label, keep in plans:
             if precision == "int8":
-                q = _int8(work / "prepared.onnx", work / "q.onnx", cal_images, calibration, rr, always_float + keep,
+                q = to_int8(work / "prepared.onnx", work / "q.onnx", cal_images, calibration, rr, always_float + keep,
                           work / "calibration.json")
             else:
-                q = _fp16(prepared, always_float)
+                q = to_fp16(prepared, always_float)
             s_q = session(q.SerializeToString(), device, threads)
-            q_pred, _, _ = _predict(s_q, images)
+            q_pred, _, _ = predictions(s_q, images)
             q_metrics = metrics(y, q_pred, fm.classes)
             attempt = {"kept_float": label, "nodes_kept_float": len(keep), "accuracy": q_metrics["accuracy"],
                        "accuracy_drop": f_metrics["accuracy"] - q_metrics["accuracy"],
@@ -539,9 +267,6 @@ def _checked_prepare(source, source_bytes: bytes, x: np.ndarray, path: Path):
     """`prepare(source)`, saved to `path`, after checking it gives the model's outputs on `x`."""
     import onnx
 
-    from edgetl.deploy.runtime import session
-    from edgetl.export.torch_onnx import max_abs_diff
-
     prepared = prepare(source)
     diff = max_abs_diff(session(prepared.SerializeToString(), "cpu").run(None, {C.IMAGE: x})[0],
                         session(source_bytes, "cpu").run(None, {C.IMAGE: x})[0], "prepared model")
@@ -571,8 +296,6 @@ def _calibration_set(fm, data, val, n: int, method: str, reduce_range: bool, sel
 
 def _latency(s_float, s_q, x1, precision: str, provider: str, threads, min_speedup: float) -> dict:
     """Batch-1 medians of both sessions, interleaved (`time_interleaved`, as `edgetl bench`)."""
-    from edgetl.deploy.bench import time_interleaved
-
     stats = time_interleaved({"float32": lambda: s_float.run([C.PROBABILITIES], {C.IMAGE: x1}),
                               precision: lambda: s_q.run([C.PROBABILITIES], {C.IMAGE: x1})},
                              rounds=GATE_ROUNDS, warmup=5, budget_s=GATE_BUDGET_S)
@@ -583,8 +306,6 @@ def _latency(s_float, s_q, x1, precision: str, provider: str, threads, min_speed
 
 def _with_metadata(q, source, summary: dict) -> bytes:
     """The float32 model's metadata plus precision, source hash, calibration and the gate's figures; checked."""
-    from edgetl.export.torch_onnx import set_metadata
-
     p = summary["precision"]
     gate = {k: summary[k] for k in ("accuracy_drop", "agreement", "max_drop", "latency", "forced")}
     gate.update({"float32_accuracy": summary["float32"]["accuracy"], f"{p}_accuracy": summary[p]["accuracy"],
@@ -603,19 +324,51 @@ def _with_metadata(q, source, summary: dict) -> bytes:
 
 def write_quantized(result: QuantResult, out) -> Path:
     """Write a gated model atomically (temporary file, then rename)."""
-    from edgetl.files import write_bytes
-
     write_bytes(out, result.data)
     return Path(out)
 
 
+def _remove_stale_work() -> None:
+    """Work folders of quantize runs that were killed (their process is gone: kill -9 leaves them)."""
+    import shutil
+
+    for d in Path(tempfile.gettempdir()).glob("edgetl-quant-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+            if pid == os.getpid() or d.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            continue
+
+
 def quantize_file(model_path, data, out=None, precision: str = "int8", **kw) -> tuple[QuantResult, Path]:
-    """`edgetl quantize`: gate, then write beside the model (model.int8.onnx) or to `out`."""
-    from edgetl.files import writable_dir
+    """`edgetl quantize`: gate, then write beside the model (model.int8.onnx) or to `out`. Ctrl-C and
+    SIGTERM end it at once, its work folder removed (exit 130 / 143)."""
+    import signal
+    import threading
 
     out = Path(out) if out else default_output(model_path, precision)
     if out.resolve() == Path(model_path).resolve():
         raise OutputError(f"-o {out} would overwrite the float32 model")
     writable_dir(out.parent)  # fail before the slow part
-    result = quantize_model(model_path, data, precision=precision, **kw)
+
+    def interrupted(signum, frame):  # nothing is written before the gate passes: remove the work folder, leave
+        import shutil
+        import sys
+
+        for d in Path(tempfile.gettempdir()).glob(f"edgetl-quant-{os.getpid()}-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        print("interrupted; nothing written", file=sys.stderr, flush=True)
+        os._exit(128 + signum)  # not an exception: one landing inside an extension's import aborts the interpreter
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        result = quantize_model(model_path, data, precision=precision, **kw)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return result, write_quantized(result, out)

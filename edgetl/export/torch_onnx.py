@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import warnings
@@ -13,9 +12,12 @@ import numpy as np
 
 from edgetl import __version__
 from edgetl import contract as C
-from edgetl.data.preprocess import Spec, load_image
-from edgetl.errors import ModelError, ParityError
+from edgetl.data.preprocess import load_image
+from edgetl.errors import ParityError
+from edgetl.export.graph import check_model, prepare, set_metadata, sha256_bytes
 from edgetl.files import writable_dir, write_bytes
+from edgetl.ort import session
+from edgetl.spec import Spec
 
 
 def image_module(backbone):
@@ -39,6 +41,21 @@ def image_module(backbone):
     return ImageToEmbedding(backbone.model, backbone.spec).eval()
 
 
+def with_softmax(model):
+    """Wrap a trained module (logits) for export: its input → probabilities (softmax in the graph)."""
+    import torch
+
+    class WithSoftmax(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.head = m
+
+        def forward(self, x):
+            return torch.softmax(self.head(x), dim=1)
+
+    return WithSoftmax(model).eval()
+
+
 def to_onnx(module, example, input_names, output_names, metadata: dict[str, str]):
     """Export `module` (eval mode) with a dynamic batch axis; returns the checked onnx.ModelProto."""
     import onnx
@@ -52,7 +69,6 @@ def to_onnx(module, example, input_names, output_names, metadata: dict[str, str]
                           dynamic_axes=dynamic, opset_version=C.OPSET, dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
     if input_names[0] == C.IMAGE:  # only the batch varies: fold the shape arithmetic of "same" padding
-        from edgetl.export.quantize import prepare
 
         model = prepare(model)  # ~600 nodes → ~100 for EfficientNet-Lite0, same outputs, no shape ops on the CPU
     model.ir_version = C.IR_VERSION
@@ -61,53 +77,6 @@ def to_onnx(module, example, input_names, output_names, metadata: dict[str, str]
     set_metadata(model, metadata)
     check_model(model)
     return model
-
-
-def check_model(model) -> None:
-    """The structural check every artifact passes before it is written: the ONNX checker (with shape
-    inference), and each opset domain imported once ("" and "ai.onnx" being one domain; a repeated
-    domain makes onnxruntime's quantizer fail with "Failed to find proper ai.onnx domain").
-    Raises ModelError for a repeated domain, onnx's ValidationError for the rest.
-    """
-    import onnx
-
-    seen: dict[str, int] = {}
-    for o in model.opset_import:
-        domain = o.domain or "ai.onnx"
-        if domain in seen:
-            raise ModelError(f"the model imports opset domain {domain!r} twice (versions {seen[domain]} and "
-                             f"{o.version}); nothing written")
-        seen[domain] = o.version
-    onnx.checker.check_model(model, full_check=True)
-
-
-def dedupe_opsets(model) -> None:
-    """Keep one opset import per domain, in place (onnx.compose.merge_models repeats the default
-    domain). Raises ModelError when one domain is imported at two versions."""
-    kept: dict[str, object] = {}
-    for o in model.opset_import:
-        domain = o.domain or "ai.onnx"
-        if domain in kept and kept[domain].version != o.version:
-            raise ModelError(f"the models import opset domain {domain!r} at versions {kept[domain].version} "
-                             f"and {o.version}")
-        kept.setdefault(domain, o)
-    unique = [(o.domain, o.version) for o in kept.values()]
-    del model.opset_import[:]
-    for domain, version in unique:
-        model.opset_import.add(domain=domain, version=version)
-
-
-def set_metadata(model, metadata: dict[str, str]) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in metadata.items():
-        if key in existing:
-            existing[key].value = str(value)
-        else:
-            model.metadata_props.add(key=key, value=str(value))
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray, what: str) -> float:
@@ -173,8 +142,6 @@ def export_backbone(backbone, out: str | os.PathLike, check_images: list[str] | 
     batch sizes 1 and 3 (the export uses batch 2); OutputError when `out` cannot be written.
     """
     import torch
-
-    from edgetl.deploy.runtime import session
 
     out = Path(out)
     writable_dir(out.parent)  # fail before the slow part

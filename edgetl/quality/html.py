@@ -14,6 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.data.pipeline import prefetch_map
+from edgetl.data.preprocess import decode_bgr, opencv
+from edgetl.data.sources import read_regular
+from edgetl.errors import ImageError
+from edgetl.files import write_text
+from edgetl.quality.lint import CATEGORIES, DESCRIBE
+
 THUMB = 160  # longer side of a thumbnail, pixels
 MAX_MISTAKES = 24
 MAX_PER_SECTION = 60
@@ -48,10 +55,7 @@ def page(title: str, body: str) -> str:
 
 def thumbnail(path, side: int = THUMB) -> str | None:
     """A photo as a small JPEG data URI (decoded by edgetl's own decoder); None when unreadable."""
-    from edgetl.data.preprocess import _cv2, decode_bgr, read_regular
-    from edgetl.errors import ImageError
-
-    cv2 = _cv2()
+    cv2 = opencv()
     try:
         bgr = decode_bgr(read_regular(path), min_side=side)
     except ImageError:
@@ -66,8 +70,6 @@ def thumbnail(path, side: int = THUMB) -> str | None:
 
 def thumbnails(paths) -> dict:
     """path → data URI (or None), decoded in threads."""
-    from edgetl.data.pipeline import prefetch_map
-
     unique = list(dict.fromkeys(paths))
     return dict(prefetch_map(thumbnail, unique))
 
@@ -77,8 +79,6 @@ def _img(uri: str | None, alt: str) -> str:
 
 
 def write_page(path, text: str) -> None:
-    from edgetl.files import write_text
-
     write_text(path, text)
 
 
@@ -155,8 +155,6 @@ def evaluation_page(m: dict, rows: list, note: str, model_path: str, data: str, 
 
 def lint_page(report: dict, max_per_section: int = MAX_PER_SECTION) -> str:
     """The page of `edgetl lint --html`, from the report `quality.lint.lint` returns."""
-    from edgetl.quality.lint import CATEGORIES, DESCRIBE
-
     root = Path(report["data"])
     counts = report["counts"]
     fail = set(report.get("fail_on") or ())

@@ -25,13 +25,19 @@ The report is a dict that is strict JSON. Training the out-of-fold heads needs t
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-from edgetl.errors import DataError, ModelError
+from edgetl.data.pipeline import prefetch_map
+from edgetl.data.preprocess import header_size, opencv
+from edgetl.data.sources import read_regular
+from edgetl.data.split import class_groups, deal
+from edgetl.errors import DataError, ImageError
+from edgetl.quality.metrics import IMBALANCE_RATIO, safe
 
 CATEGORIES = ("leakage", "conflict", "label-error", "duplicate", "near-duplicate", "outlier", "imbalance", "tiny",
               "upscaled", "unreadable")
@@ -58,7 +64,6 @@ THRESHOLD_SCALE = 0.9
 MIN_CONFIDENCE = 0.5  # ... and the class it looks like must be more likely than not (many classes, few photos)
 OUTLIER_NEIGHBOURS = 5
 OUTLIER_MADS = 4.0  # an outlier's neighbour similarity is this many (scaled) MADs below the median
-IMBALANCE_RATIO = 3.0
 UPSCALED_RATIO = 0.2
 CALIBRATION_COPIES = 64  # photos copied (perturbed) to measure the near-duplicate threshold
 COPY_QUANTILE = 0.05  # the threshold keeps 95 % of those copies
@@ -73,170 +78,33 @@ def parse_fail_on(text: str) -> tuple[str, ...]:
         return CATEGORIES
     bad = [n for n in names if n not in CATEGORIES]
     if bad:
-        import difflib
-
         close = difflib.get_close_matches(bad[0], CATEGORIES, 1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise DataError(f"unknown check {bad[0]!r}{hint}; use a comma list of {', '.join(CATEGORIES)}, all or none")
     return tuple(dict.fromkeys(names))
 
 
-def lint(data, backbone, cache_root, fail_on=DEFAULT_FAIL_ON, val_fraction: float = 0.2, seed: int = 0,
-         device: str = "auto", log=lambda line: None) -> dict:
-    """Check the photo folder `data` (embedded with `backbone` into the cache at `cache_root`); returns
-    the report (strict JSON). DataError for a folder without images, ModelError for a file that is
-    not an edgetl backbone, CacheError for a cache that belongs to another backbone."""
-    import time
-
-    from edgetl import contract as C
-    from edgetl.data.embed import embed_folder, open_backbone
-    from edgetl.data.scan import scan
-
-    t0 = time.perf_counter()
-    ds = scan(data, exclude=[cache_root])
-    sess, spec, meta = open_backbone(backbone, device)
-    if meta.get(C.KEY_FORMAT) != C.FORMAT_BACKBONE:
-        raise ModelError(f"{backbone} is a {meta.get(C.KEY_FORMAT)}, not a backbone; lint needs embeddings "
-                         "(give an exported backbone, e.g. exports/backbones/efficientnet_lite0.onnx)")
-    r = embed_folder(ds, backbone, cache_root, device=device)
-    log(f"embedded: {r.summary()}")
-    root = ds.root
-    rel = [_rel(it.path, root) for it in ds.items]
-    usable = [i for i, k in enumerate(r.keys) if k is not None]
-    notes = list(ds.notes) + list(r.namespace.problems)
-    report = {"data": str(root), "backbone": meta.get(C.KEY_BACKBONE, "?"), "cache": str(r.namespace.dir),
-              "images": len(ds.items), "readable": len(usable), "layout": ds.layout,
-              "classes": ds.counts() if ds.classes else {}, "split": None, "fail_on": list(fail_on),
-              "settings": {}, "counts": {}, "failed": [], "duplicates": [], "label_errors": [], "outliers": [],
-              "imbalance": None, "small_images": [], "notes": notes,
-              "unreadable": [{"path": _rel(p, root), "reason": reason} for p, reason in r.skipped]}
-    if not usable:
-        raise DataError(f"no readable images in {root} ({len(r.skipped)} unreadable, e.g. {r.skipped[0][1]})")
-    keys = [r.keys[i] for i in usable]
-    x = r.namespace.load(keys)[1]
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    labels = [ds.items[i].label for i in usable]
-    sides = _sides(ds, r.keys, usable, val_fraction, seed, report)
-    # near-duplicate threshold, measured on copies of the folder's own photos
-    thr, how = near_threshold(sess, spec, [ds.items[i].path for i in usable], x, keys, seed)
-    report["settings"].update(near_duplicate_cosine=round(thr, 4), near_duplicate_how=how)
-    k_vote = _vote_k(labels)
-    neighbours, sims, edges = _neighbours(x, keys, thr, max(k_vote, OUTLIER_NEIGHBOURS) + 10)
-    group = _components(keys, edges)
-    report["duplicates"] = _groups(group, keys, edges, [rel[i] for i in usable], labels, sides)
-    nb, nb_sim = _drop_own_group(neighbours, sims, group)
-    report["outliers"] = _outliers(nb_sim, [rel[i] for i in usable], labels, report)
-    if ds.classes and len(ds.classes) >= 2:
-        report["label_errors"] = _label_errors(x, labels, [rel[i] for i in usable], ds.classes, group, nb, k_vote, seed,
-                                               report, log)
-    else:
-        notes.append("label errors not checked: " + ("the folder has one class" if ds.classes else
-                                                     "the folder has no class folders"))
-    report["imbalance"] = _imbalance(report["classes"])
-    report["small_images"] = _small_images([ds.items[i].path for i in usable], [rel[i] for i in usable], labels, spec,
-                                           report)
-    report["counts"] = counts(report)
-    report["failed"] = [c for c in fail_on if report["counts"].get(c)]
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    return report
-
-
-def _rel(path, root) -> str:
+def rel(path, root) -> str:
     try:
         return os.fsdecode(os.path.relpath(path, root))
     except ValueError:
         return os.fsdecode(path)
 
 
-def _sides(ds, keys, usable, val_fraction, seed, report) -> list[str | None]:
-    """The side of the split each usable photo would be on: train, val, test, or None (unlabelled)."""
-    if ds.layout == "split":
-        report["split"] = "the folder's own " + " ".join(f"{s}/" for s in ("train", "val", "test")
-                                                          if any(it.split == s for it in ds.items))
-        return [ds.items[i].split for i in usable]
-    if not ds.classes:
-        return [None] * len(usable)
-    from edgetl.data.split import make_split
-
-    s = make_split(ds, keys, usable, val_fraction, seed)
-    report["split"] = f"the split train-head would make: {s.note}"
-    side = {i: "train" for i in s.train} | {i: "val" for i in s.val}
-    return [side.get(i) for i in usable]
-
-
 # --- near duplicates -------------------------------------------------------------------------------
-
-def _copy(bgr: np.ndarray, rng, min_side: int) -> bytes:
-    """A near copy of a photo, as someone might have saved it again: slightly cropped, resized (never below
-    what the backbone reads), brightened or darkened, maybe mirrored, re-encoded as JPEG."""
-    from edgetl.data.preprocess import _cv2
-
-    cv2 = _cv2()
-    h, w = bgr.shape[:2]
-    f = rng.uniform(0, 0.03, 4)
-    out = bgr[int(h * f[0]):h - int(h * f[1]), int(w * f[2]):w - int(w * f[3])]
-    lo = min(1.0, min_side / max(1, min(out.shape[:2])))
-    s = rng.uniform(max(lo, 0.7), 1.0) if lo < 1 else 1.0
-    if s < 1:
-        out = cv2.resize(out, (max(1, round(out.shape[1] * s)), max(1, round(out.shape[0] * s))),
-                         interpolation=cv2.INTER_AREA)
-    out = np.clip(out.astype(np.float32) * rng.uniform(0.92, 1.08), 0, 255).astype(np.uint8)
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(out), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
-    return data.tobytes()
-
-
-def near_threshold(sess, spec, paths, x: np.ndarray, keys, seed: int = 0) -> tuple[float, str]:
-    """(cosine threshold, how it was measured): the similarity that 95 % of near copies of the folder's
-    own photos keep to their original (CALIBRATION_COPIES photos, each copied once), but never below
-    the similarity that only 1 in 1000 pairs of different photos of the folder reach (a backbone that
-    does not tell photos apart must not make the whole folder one group of copies)."""
-    from edgetl.data.embed import embed_batch
-    from edgetl.data.preprocess import decode_bgr, load_image, read_regular
-    from edgetl.errors import ImageError
-
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(paths), min(CALIBRATION_COPIES, len(paths)), replace=False).tolist())
-    arrays, rows = [], []
-    for i in pick:
-        try:
-            bgr = decode_bgr(read_regular(paths[i]), spec.resize_size, str(paths[i]))
-            arrays.append(load_image(_copy(bgr, rng, spec.resize_size), spec))
-            rows.append(i)
-        except ImageError:
-            continue
-    sims = []
-    for a in range(0, len(arrays), 32):
-        e = embed_batch(sess, spec, arrays[a:a + 32])
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        sims += (e * x[rows[a:a + 32]]).sum(1).tolist()
-    pairs = _pair_similarities(x, keys, rng)
-    floor = float(np.quantile(pairs, 1 - PAIR_SHARE)) if len(pairs) else -1.0
-    if not sims:
-        thr, how = max(0.99, floor), "no photo could be copied to measure it: 0.99"
-    else:
-        thr = float(np.quantile(sims, COPY_QUANTILE))
-        how = (f"{1 - COPY_QUANTILE:.0%} of {len(sims)} near copies of the folder's own photos (re-encoded, cropped "
-               f"≤ 3 %, resized, brightness ±8 %, half mirrored) stay at or above it (median {np.median(sims):.3f})")
-    if floor > thr:
-        how += (f"; raised to {floor:.3f}, which only {PAIR_SHARE:.1%} of pairs of different photos reach: this "
-                "backbone tells copies from different photos poorly")
-        thr = floor
-    return thr, how
 
 
 PAIR_SHARE = 0.001
 
 
-def _pair_similarities(x: np.ndarray, keys, rng, most: int = 200_000) -> np.ndarray:
+def pair_similarities(x: np.ndarray, keys, rng, most: int = 200_000) -> np.ndarray:
     """Cosine similarities of pairs of different photos (all pairs, or `most` drawn at random)."""
     n = len(x)
     if n * (n - 1) // 2 <= most:
         i, j = np.triu_indices(n, 1)
     else:
         i, j = rng.integers(0, n, most), rng.integers(0, n, most)
-    key_id = _key_ids(keys)
+    key_id = key_ids(keys)
     keep = key_id[i] != key_id[j]
     i, j = i[keep], j[keep]
     out = np.empty(len(i), dtype=np.float32)
@@ -245,12 +113,12 @@ def _pair_similarities(x: np.ndarray, keys, rng, most: int = 200_000) -> np.ndar
     return out
 
 
-def _neighbours(x: np.ndarray, keys: list[bytes], thr: float, k: int):
+def neighbours(x: np.ndarray, keys: list[bytes], thr: float, k: int):
     """Each photo's k most similar others (indices, similarities; exact copies excluded) and the near
     pairs (i < j, similarity ≥ thr, different content)."""
     n = len(x)
     k = max(0, min(k, n - 1))
-    key_id = _key_ids(keys)
+    key_id = key_ids(keys)
     nb = np.zeros((n, k), dtype=np.int64)
     nb_sim = np.zeros((n, k), dtype=np.float32)
     edges = []
@@ -273,13 +141,13 @@ def _neighbours(x: np.ndarray, keys: list[bytes], thr: float, k: int):
     return nb, nb_sim, edges
 
 
-def _key_ids(keys) -> np.ndarray:
+def key_ids(keys) -> np.ndarray:
     """A small integer per distinct content key."""
     ids: dict[bytes, int] = {}
     return np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
 
 
-def _components(keys, edges) -> np.ndarray:
+def components(keys, edges) -> np.ndarray:
     """Group id per photo: exact copies and near pairs joined (union-find)."""
     n = len(keys)
     parent = list(range(n))
@@ -301,7 +169,7 @@ def _components(keys, edges) -> np.ndarray:
     return np.array([find(i) for i in range(n)])
 
 
-def _groups(group, keys, edges, paths, labels, sides) -> list[dict]:
+def groups(group, keys, edges, paths, labels, sides) -> list[dict]:
     """Groups of copies, the loud ones (leakage, conflict) first."""
     members: dict[int, list[int]] = {}
     for i, g in enumerate(group.tolist()):
@@ -326,7 +194,7 @@ def _groups(group, keys, edges, paths, labels, sides) -> list[dict]:
     return out
 
 
-def _drop_own_group(nb, nb_sim, group):
+def drop_own_group(nb, nb_sim, group):
     """Neighbour lists without the photo's own copies and near copies (rows padded with -1 / nan)."""
     keep = group[nb] != group[:, None]
     out_nb = np.full_like(nb, -1)
@@ -340,7 +208,7 @@ def _drop_own_group(nb, nb_sim, group):
 
 # --- outliers --------------------------------------------------------------------------------------
 
-def _outliers(nb_sim, paths, labels, report) -> list[dict]:
+def outliers(nb_sim, paths, labels, report) -> list[dict]:
     """Photos whose OUTLIER_NEIGHBOURS nearest others are far less similar than the folder's usual."""
     if nb_sim.shape[1] == 0 or len(paths) < 8:
         report["notes"].append("outliers not checked: fewer than 8 photos")
@@ -365,7 +233,7 @@ def _outliers(nb_sim, paths, labels, report) -> list[dict]:
 
 # --- label errors ----------------------------------------------------------------------------------
 
-def _vote_k(labels) -> int:
+def vote_k(labels) -> int:
     counts: dict = {}
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1
@@ -373,41 +241,13 @@ def _vote_k(labels) -> int:
     return int(np.clip(smallest - 1, 1, NEIGHBOURS))
 
 
-def _folds(y: np.ndarray, group: np.ndarray, k: int, seed: int) -> np.ndarray:
+def folds(y: np.ndarray, group: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold per photo: whole groups of copies, dealt out class by class (stratified)."""
-    rng = np.random.default_rng(seed)
+    by_class = class_groups(range(len(y)), group.__getitem__, lambda i: int(y[i]), sorted({int(v) for v in y}))
     fold = np.zeros(len(y), dtype=np.int64)
-    groups = {}
-    for i, g in enumerate(group.tolist()):
-        groups.setdefault(g, []).append(i)
-    by_class: dict[int, list[int]] = {}
-    for g, idx in groups.items():
-        by_class.setdefault(int(y[idx[0]]), []).append(g)
-    start = 0
-    for c in sorted(by_class):
-        gs = by_class[c]
-        rng.shuffle(gs)
-        for n, g in enumerate(gs):
-            fold[groups[g]] = (start + n) % k
-        start += len(gs)
+    for f, members in enumerate(deal(by_class, k, np.random.default_rng(seed).shuffle, sorted(by_class))):
+        fold[members] = f
     return fold
-
-
-def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Probabilities of each photo from a linear head trained on the other folds (`edgetl.train.heads`)."""
-    import torch
-
-    from edgetl.train.heads import HeadConfig, train
-
-    cfg = HeadConfig(kind="linear", label_smoothing=0.0, seed=seed)
-    p = np.zeros((len(y), n_classes), dtype=np.float64)
-    empty_x, empty_y = x[:0], y[:0]
-    for f in np.unique(fold):
-        test = fold == f
-        fit = train(x[~test], y[~test], empty_x, empty_y, n_classes, cfg, device="cpu")
-        with torch.no_grad():
-            p[test] = torch.softmax(fit.model(torch.as_tensor(x[test])), 1).numpy()
-    return p
 
 
 def confident_errors(p: np.ndarray, y: np.ndarray, scale: float = THRESHOLD_SCALE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -423,42 +263,9 @@ def confident_errors(p: np.ndarray, y: np.ndarray, scale: float = THRESHOLD_SCAL
     return above.any(1) & (best != y) & confident, best, t
 
 
-def _label_errors(x, labels, paths, classes, group, nb, k_vote, seed, report, log) -> list[dict]:
-    y = np.array([classes.index(lab) for lab in labels])
-    per_class = [len({int(g) for g in group[y == c]}) for c in range(len(classes))]
-    k = min(FOLDS, min(per_class))
-    if k < 2:
-        c = classes[int(np.argmin(per_class))]
-        report["notes"].append(f"label errors not checked: class {c!r} has fewer than 2 distinct photos")
-        return []
-    fold = _folds(y, group, k, seed)
-    p_head = out_of_fold(x, y, len(classes), fold, seed)
-    votes = np.zeros_like(p_head)
-    for i in range(len(y)):
-        mine = nb[i][nb[i] >= 0][:k_vote]
-        if len(mine):
-            votes[i] = np.bincount(y[mine], minlength=len(classes)) / len(mine)
-        else:
-            votes[i] = p_head[i]
-    p = 0.5 * p_head + 0.5 * votes
-    flags, best, t = confident_errors(p, y)
-    agree = float((p_head.argmax(1) == y).mean())
-    report["settings"].update(folds=k, neighbours=k_vote,
-                              label_thresholds={c: round(float(v), 4) for c, v in zip(classes, t)},
-                              out_of_fold_accuracy=round(agree, 4),
-                              label_error_how=(f"confident learning on the mean of a linear head's {k}-fold out-of-fold "
-                                               f"probabilities and a {k_vote}-nearest-neighbour label vote; the "
-                                               f"out-of-fold head agrees with {agree:.1%} of the labels"))
-    log(f"label errors: {k}-fold linear heads, out-of-fold agreement with the labels {agree:.1%}")
-    idx = np.flatnonzero(flags)
-    idx = idx[np.argsort(p[idx, y[idx]])]
-    return [{"path": paths[i], "label": labels[i], "suggested": classes[int(best[i])],
-             "p_label": round(float(p[i, y[i]]), 4), "p_suggested": round(float(p[i, best[i]]), 4)} for i in idx]
-
-
 # --- classes and sizes -----------------------------------------------------------------------------
 
-def _imbalance(class_counts: dict) -> dict | None:
+def imbalance(class_counts: dict) -> dict | None:
     present = {c: n for c, n in class_counts.items()}
     if len(present) < 2:
         return None
@@ -469,16 +276,13 @@ def _imbalance(class_counts: dict) -> dict | None:
             "flagged": bool(ratio >= IMBALANCE_RATIO), "limit": IMBALANCE_RATIO}
 
 
-def _header(path) -> tuple[int, int] | None:
-    from edgetl.data.preprocess import _header_size
-    from edgetl.errors import ImageError
-
+def header(path) -> tuple[int, int] | None:
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 18)
-            size = _header_size(head, str(path))
-            if size is None and len(head) == 1 << 18:
-                size = _header_size(head + f.read(), str(path))
+            size = header_size(head, str(path))
+            if size is None and len(head) == 1 << 18:  # a header past large metadata; never a whole huge file
+                size = header_size(head + f.read(1 << 24), str(path))
         return size
     except (OSError, ImageError):
         return None
@@ -487,9 +291,7 @@ def _header(path) -> tuple[int, int] | None:
 def detail_ratio(grey: np.ndarray) -> float:
     """Energy lost by halving the resolution, relative to the energy lost by halving it again: about
     0.3–2 for photos at their native resolution, under 0.25 for photos enlarged 2x or more."""
-    from edgetl.data.preprocess import _cv2
-
-    cv2 = _cv2()
+    cv2 = opencv()
 
     def lost(g):
         h, w = g.shape
@@ -502,30 +304,25 @@ def detail_ratio(grey: np.ndarray) -> float:
     return fine / max(coarse, 1e-6)
 
 
-def _upscaled(path) -> float | None:
-    from edgetl.data.preprocess import _cv2, read_regular
-    from edgetl.errors import ImageError
-
+def upscaled(path) -> float | None:
     try:
-        grey = _cv2().imdecode(np.frombuffer(read_regular(path), np.uint8), _cv2().IMREAD_GRAYSCALE)
-    except (ImageError, _cv2().error):
+        grey = opencv().imdecode(np.frombuffer(read_regular(path), np.uint8), opencv().IMREAD_GRAYSCALE)
+    except (ImageError, opencv().error):
         return None
     if grey is None or min(grey.shape) < 16:
         return None
     return detail_ratio(grey)
 
 
-def _small_images(paths, rel, labels, spec, report) -> list[dict]:
-    from edgetl.data.pipeline import prefetch_map
-
+def small_images(paths, rel, labels, spec, report) -> list[dict]:
     side = min(spec.input_size)
     report["settings"].update(tiny_below=side, upscaled_ratio=UPSCALED_RATIO, upscaled_how=(
         f"photos with a shorter side under {2 * side} (twice the input size) whose detail ratio (energy lost by "
         f"halving the resolution over that lost by halving it again) is below {UPSCALED_RATIO}"))
     out = []
-    sizes = [s for _, s in prefetch_map(_header, paths)]
+    sizes = [s for _, s in prefetch_map(header, paths)]
     check = [i for i, s in enumerate(sizes) if s is not None and side <= min(s) < 2 * side and s[0] * s[1] <= 20e6]
-    ratios = dict(zip(check, (v for _, v in prefetch_map(_upscaled, [paths[i] for i in check]))))
+    ratios = dict(zip(check, (v for _, v in prefetch_map(upscaled, [paths[i] for i in check]))))
     for i, s in enumerate(sizes):
         if s is None:
             continue
@@ -557,8 +354,6 @@ def counts(report: dict) -> dict[str, int]:
 
 def text(report: dict, first: int = 5) -> str:
     """The report for people: one line per check, then the first few of each finding."""
-    from edgetl.quality.report import safe
-
     c = report["counts"]
     lines = []
     for cat in CATEGORIES:
@@ -596,8 +391,6 @@ def summary(report: dict) -> str:
 
 def to_json(report: dict) -> str:
     """Strict JSON, valid UTF-8 whatever the file names."""
-    import json
-
     try:
         out = json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False)
         out.encode("utf-8")
@@ -606,8 +399,3 @@ def to_json(report: dict) -> str:
         return json.dumps(report, indent=1, ensure_ascii=True, allow_nan=False)
 
 
-def write_html(report: dict, path: str | os.PathLike) -> Path:
-    from edgetl.quality.html import lint_page, write_page
-
-    write_page(path, lint_page(report))
-    return Path(path)

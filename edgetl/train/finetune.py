@@ -9,165 +9,21 @@ Cut points exist for the common block structures: timm EfficientNet/MobileNet (`
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-import hashlib
-import json
+import math
+import os
+import time
 
 import numpy as np
 
-from edgetl import contract as C
-from edgetl.errors import DataError, EdgetlError
-
-
-class CutError(EdgetlError):
-    pass
-
-
-@dataclasses.dataclass
-class Stages:
-    stem: object  # nn.Module: normalised NCHW → first block's input
-    blocks: list  # [nn.Module]
-    tail: object  # nn.Module: last block's output → pooled embedding [N, D]
-
-
-def stages(model) -> Stages:
-    """Split a feature extractor (classifier removed) into stem, blocks and tail; CutError if unknown."""
-    import torch.nn as nn
-
-    def seq(*mods):
-        return nn.Sequential(*[m for m in mods if m is not None])
-
-    flat = nn.Flatten(1)
-    if hasattr(model, "conv_stem") and hasattr(model, "blocks") and hasattr(model, "conv_head"):  # timm EfficientNet
-        return Stages(seq(model.conv_stem, model.bn1), list(model.blocks),
-                      seq(model.conv_head, model.bn2, model.global_pool, flat))
-    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):  # ResNet (timm or torchvision)
-        act = getattr(model, "act1", None) or getattr(model, "relu", None)
-        pool = getattr(model, "global_pool", None) or getattr(model, "avgpool", None)
-        return Stages(seq(model.conv1, model.bn1, act, model.maxpool),
-                      [model.layer1, model.layer2, model.layer3, model.layer4], seq(pool, flat))
-    if hasattr(model, "stem") and hasattr(model, "stages") and hasattr(model, "forward_head"):  # timm stages
-        class Tail(nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.norm_pre = getattr(m, "norm_pre", nn.Identity())
-                self.m = m
-
-            def forward(self, x):
-                return self.m.forward_head(self.norm_pre(x), pre_logits=True)
-
-        return Stages(model.stem, list(model.stages), Tail(model))
-    if hasattr(model, "features") and isinstance(model.features, nn.Sequential) and hasattr(model, "avgpool"):
-        feats = list(model.features)  # torchvision MobileNet/EfficientNet: first conv, blocks…, last conv
-        return Stages(feats[0], feats[1:-1], seq(feats[-1], model.avgpool, flat, getattr(model, "classifier", None)))
-    raise CutError(f"no known cut points for {type(model).__name__}: --unfreeze works with EfficientNet, "
-                   "MobileNet, ResNet and timm stage models; use --unfreeze 0 (head only) or all")
-
-
-def verified_stages(backbone) -> Stages:
-    """`stages`, checked: stem → blocks → tail equals the backbone on a random input."""
-    import torch
-
-    st = stages(backbone.model)
-    h, w = backbone.spec.input_size
-    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = backbone.model.eval()(x)
-        y = st.stem(x)
-        for b in st.blocks:
-            y = b(y)
-        got = st.tail(y)
-    if got.shape != ref.shape or float((got - ref).abs().max()) > 1e-4:
-        raise CutError(f"cutting {backbone.name} into blocks does not reproduce it; use --unfreeze 0 or all")
-    return st
-
-
-def cut_index(st: Stages, unfreeze: int, name: str) -> int:
-    n = len(st.blocks)
-    if not 1 <= unfreeze <= n:
-        raise CutError(f"--unfreeze {unfreeze}: {name} has {n} blocks; use 0..{n} or all")
-    return n - unfreeze
-
-
-def trunk_module(backbone, st: Stages, k: int):
-    """uint8 NHWC image → normalise → stem → blocks[:k] → activation map (frozen)."""
-    import torch
-
-    from edgetl.export.torch_onnx import image_module
-
-    return image_module(dataclasses.replace(backbone, model=torch.nn.Sequential(st.stem, *st.blocks[:k]))).eval()
-
-
-def top_and_head(st: Stages, k: int, head):
-    """activation → blocks[k:] → tail → head logits: the trainable part."""
-    import torch
-
-    class Top(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.Sequential(*st.blocks[k:])
-            self.tail = st.tail
-            self.head = head
-
-        def forward(self, activation):
-            return self.head(self.tail(self.blocks(activation)))
-
-    return Top()
-
-
-def trunk_fingerprint(backbone_fp: str, k: int, n_blocks: int) -> str:
-    return hashlib.sha256(f"{backbone_fp}|cut{k}/{n_blocks}".encode()).hexdigest()[:32]
-
-
-def export_trunk(backbone, st: Stages, k: int, atol: float = C.EXPORT_ATOL):
-    """The frozen trunk as a checked onnx.ModelProto: image → activation [N, C, h, w]."""
-    import torch
-
-    from edgetl import __version__
-    from edgetl.data.preprocess import load_image
-    from edgetl.deploy.runtime import session
-    from edgetl.export.torch_onnx import check_batches, check_parity, default_check_images, to_onnx
-
-    module = trunk_module(backbone, st, k)
-    h, w = backbone.spec.input_size
-    with torch.no_grad():
-        shape = list(module(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1:])
-    cut = json.dumps({"unfreeze": len(st.blocks) - k, "block": k, "blocks": len(st.blocks), "shape": shape})
-    meta = {C.KEY_FORMAT: C.FORMAT_TRUNK, C.KEY_VERSION: __version__, C.KEY_BACKBONE: backbone.name,
-            C.KEY_WEIGHTS_SHA256: backbone.weights_sha256,
-            C.KEY_FINGERPRINT: trunk_fingerprint(backbone.fingerprint, k, len(st.blocks)),
-            C.KEY_EMBEDDING_DIM: str(int(np.prod(shape))), C.KEY_PREPROCESS: backbone.spec.to_json(), C.KEY_CUT: cut}
-    model = to_onnx(module, (torch.zeros(2, h, w, 3, dtype=torch.uint8),), [C.IMAGE], [C.ACTIVATION], meta)
-    batches = check_batches([load_image(p, backbone.spec) for p in default_check_images()])
-    check_parity(module, session(model.SerializeToString(), "cpu"), batches, C.IMAGE, "trunk", atol)
-    return model, shape
-
-
-def export_top(top, shape: list[int], classes: list[str], extra_meta: dict[str, str], atol: float = C.HEAD_ATOL):
-    """Trained blocks + head as a checked onnx.ModelProto: activation → probabilities."""
-    import torch
-
-    from edgetl import __version__
-    from edgetl.deploy.runtime import session
-    from edgetl.export.torch_onnx import check_parity, to_onnx
-    from edgetl.train.heads import with_softmax
-
-    module = with_softmax(top)
-    meta = {C.KEY_FORMAT: C.FORMAT_TOP, C.KEY_VERSION: __version__, C.KEY_CLASSES: json.dumps(classes), **extra_meta}
-    model = to_onnx(module, (torch.zeros(2, *shape),), [C.ACTIVATION], [C.PROBABILITIES], meta)
-    rng = np.random.default_rng(0)
-    batches = [rng.uniform(0, 2, (n, *shape)).astype(np.float32) for n in (1, 3)]
-    return model, check_parity(module, session(model.SerializeToString(), "cpu"), batches, C.ACTIVATION, "top", atol)
-
-
-def freeze_bn(module, train_bn: bool):
-    """BatchNorm layers keep their pretrained statistics unless train_bn (call after .train())."""
-    import torch
-
-    if not train_bn:
-        for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+from edgetl.data.pipeline import prefetch_map
+from edgetl.data.preprocess import augment_view, decode_bgr, load_image
+from edgetl.data.sources import read_regular
+from edgetl.export.stages import stages
+from edgetl.train.cut import freeze_bn
+from edgetl.train.heads import Fit, balanced_accuracy, class_weights, loss_fn, val_criterion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,13 +88,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     `recipe` (full fine-tuning) adds warm-up and cosine per step, an EMA of the weights (which is what
     is validated and kept), mixup/cutmix on the uint8 images. Returns a head.Fit.
     """
-    import copy
-    import math
-    import time
-
     import torch
-
-    from edgetl.train.heads import Fit, balanced_accuracy, class_weights, loss_fn, val_criterion
 
     recipe = recipe or Recipe()
     t0 = time.perf_counter()
@@ -260,7 +110,7 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
     hist = {"train_loss": [], "val_loss": [], "val_acc": [], "val_balanced_acc": []}
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     epoch = 0
-    autocast = _autocast(device)
+    amp = autocast(device)
     images_seen, t_train = 0, 0.0
     for epoch in range(1, epochs + 1):
         model.train()
@@ -271,8 +121,8 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mix is not None:
                 x, y = mix(x, y)
-            with autocast():
-                loss = loss_of(model(_layout(x)).float(), y)
+            with amp():
+                loss = loss_of(model(layout(x)).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -294,9 +144,9 @@ def fit(model, train_batches, val_x, val_y, n_classes: int, y_train: np.ndarray,
         hist["train_loss"].append(total / max(n, 1))
         if len(val_y):
             logits, ys = [], []
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), amp():
                 for x, y in val_x():
-                    logits.append(judged(_layout(x.to(device, non_blocking=True))).float().cpu())
+                    logits.append(judged(layout(x.to(device, non_blocking=True))).float().cpu())
                     ys.append(y.cpu())
             logits, ys = torch.cat(logits), torch.cat(ys)
             vl = float(val_loss_of(logits.to(device), ys.to(device)))
@@ -323,8 +173,6 @@ class _Ema:
     """An exponential moving average of a model's weights (buffers copied)."""
 
     def __init__(self, model, decay: float):
-        import copy
-
         self.model, self.decay = copy.deepcopy(model), decay
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -385,10 +233,8 @@ def llrd_groups(full_model, features_model, head, lr: float, decay: float):
     return groups
 
 
-def _autocast(device: str):
+def autocast(device: str):
     """bf16 autocast on a GPU that has it (the weights stay float32); nothing on the CPU."""
-    import contextlib
-
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -396,7 +242,7 @@ def _autocast(device: str):
     return contextlib.nullcontext
 
 
-def _layout(x):
+def layout(x):
     import torch
 
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.dtype.is_floating_point else x
@@ -447,8 +293,6 @@ class TrainImages:
         return len(self.paths)
 
     def __getitem__(self, item):
-        from edgetl.data.preprocess import augment_view, decode_bgr, load_image, read_regular
-
         j, seed = item
         path = self.paths[j]
         data = read_regular(path)
@@ -477,8 +321,6 @@ def image_batches(images: TrainImages, bs: int, rng, device: str, workers: int |
 
     On a GPU: a torch DataLoader with worker processes and pinned memory (the GPU would wait for one
     Python process); on the CPU: decoding threads (the cores are for the model)."""
-    import os
-
     import torch
 
     def epoch_items():
@@ -500,8 +342,6 @@ def image_batches(images: TrainImages, bs: int, rng, device: str, workers: int |
                                              persistent_workers=n > 0, prefetch_factor=4 if n else None)
         return lambda: iter(loader)
 
-    from edgetl.data.pipeline import prefetch_map
-
     def gen():
         xs, ys = [], []
         for _, (img, label) in prefetch_map(images.__getitem__, epoch_items(), workers, window=64):
@@ -516,7 +356,3 @@ def image_batches(images: TrainImages, bs: int, rng, device: str, workers: int |
     return gen
 
 
-def check_weights(backbone, meta: dict) -> None:
-    if backbone.weights_sha256 != meta.get(C.KEY_WEIGHTS_SHA256):
-        raise DataError(f"the backbone file was exported from other weights than {backbone.name}'s "
-                        f"({backbone.source}); pass the same --weights FILE as for export-backbone")

@@ -53,21 +53,6 @@ def build(cfg: HeadConfig, dim: int, n_classes: int):
     return nn.Sequential(*layers, nn.Linear(width, n_classes))
 
 
-def with_softmax(model):
-    """Wrap a trained module (logits) for export: its input → probabilities (softmax in the graph)."""
-    import torch
-
-    class WithSoftmax(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.head = m
-
-        def forward(self, x):
-            return torch.softmax(self.head(x), dim=1)
-
-    return WithSoftmax(model).eval()
-
-
 @dataclasses.dataclass
 class Fit:
     """What a training run gives back (heads here; top blocks and whole networks in finetune)."""

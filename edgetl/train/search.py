@@ -19,6 +19,10 @@ import time
 
 import numpy as np
 
+from edgetl.export.torch_onnx import image_module
+from edgetl.train.cut import top_and_head
+from edgetl.train.finetune import autocast, device_batch, layout
+
 AUG = 4  # cached augmented views for the frozen candidates that augment
 FOLDS = 5  # cross-validation folds of the training photos (as many as the budget allows are run)
 
@@ -29,10 +33,12 @@ class Candidate:
     unfreeze: str  # "0" | "1".."3" | "all"
     kind: str  # linear | mlp
     augment: int
+    features: str = "last"  # "multi": pooled features of several depths (train/depths.py)
 
 
 CANDIDATES = (
     Candidate("linear head", "0", "linear", 0),
+    Candidate("linear head on several depths", "0", "linear", 0, "multi"),
     Candidate("mlp head", "0", "mlp", 0),
     Candidate(f"linear head, {AUG} augmented views", "0", "linear", AUG),
     Candidate(f"mlp head, {AUG} augmented views", "0", "mlp", AUG),
@@ -43,6 +49,7 @@ CANDIDATES = (
     Candidate("whole network, augmented", "all", "linear", 1),
 )
 DEFAULT_BUDGET_MIN = {"cuda": 5.0, "cpu": 10.0}
+MULTI_HEADS = 13  # heads a multi-depth fold trains: 4 depth sets x 3 inner folds, then the chosen one
 
 
 def default_budget_min(device: str) -> float:
@@ -64,6 +71,8 @@ class Probe:
     def cost(self, c: Candidate, n_images: int, n_train: int) -> float:
         """Estimated seconds for `c`: embeddings not yet cached, then training on `n_train` photos."""
         views = 1 + c.augment
+        if c.features == "multi":  # every photo through the multi-depth backbone, then heads for each depth set
+            return self.embed * n_images + 0.002 * n_train * 60 / 10 * MULTI_HEADS + 2
         if c.unfreeze == "0":
             return self.embed * n_train * c.augment + 0.002 * n_train * views * 60 / 10 + 2
         if c.unfreeze == "all":
@@ -77,12 +86,9 @@ def probe(bb, stages, embed_s_per_image: float, device: str, block_counts=(1, 2,
     import torch
     import torch.nn.functional as F
 
-    from edgetl.export.torch_onnx import image_module
-    from edgetl.train.finetune import _autocast, _layout, device_batch, top_and_head
-
     dev = device if device in ("cpu", "cuda") else ("cuda" if torch.cuda.is_available() else "cpu")
     bs, _ = device_batch(dev, 1e-3)
-    autocast = _autocast(dev)
+    amp = autocast(dev)
     h, w = bb.spec.input_size
 
     def per_image(model, x, steps=3) -> float:
@@ -90,11 +96,11 @@ def probe(bb, stages, embed_s_per_image: float, device: str, block_counts=(1, 2,
         model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         y = torch.zeros(len(x), dtype=torch.long, device=dev)
-        x = _layout(x.to(dev))
+        x = layout(x.to(dev))
         times = []
         for _ in range(steps + 1):
             t = time.perf_counter()
-            with autocast():
+            with amp():
                 loss = F.cross_entropy(model(x).float(), y)
             opt.zero_grad()
             loss.backward()

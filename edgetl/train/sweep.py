@@ -15,6 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl import contract as C
+from edgetl.backbones import exported
+from edgetl.data.embed import embed_folder
+from edgetl.data.scan import scan
+from edgetl.data.split import make_split
+from edgetl.deploy.bench import time_interleaved
+from edgetl.errors import DataError
+from edgetl.export.depths import read_layout
+from edgetl.export.graph import load, metadata
+from edgetl.files import output_set, write_text
+from edgetl.ort import session
+from edgetl.quality.metrics import metrics
+from edgetl.train.card import pyplot, save_figure
+from edgetl.train.depths import fit_depths, multi_backbone
+from edgetl.train.heads import HeadConfig, train
+from edgetl.train.request import Job, check_classes
+
 TIE = 0.01  # accuracy differences below one point are not worth a slower model
 
 
@@ -32,28 +49,35 @@ class Row:
 
 
 def sweep(data, names: list[str], cache_root, head: str = "linear", device: str = "auto", threads: int | None = None,
-          val_fraction: float = 0.2, seed: int = 0, log=lambda s: None) -> dict:
+          val_fraction: float = 0.2, seed: int = 0, log=lambda s: None, features: str = "last") -> dict:
     """Embed `data` with every backbone in `names`, train a head on each, time each at batch 1.
 
     Returns {"rows": [Row...], "recommended": name, "reason": text, "split": note}.
     """
-    from edgetl.backbones import exported
-    from edgetl.data.embed import embed_folder
-    from edgetl.data.scan import scan
-    from edgetl.data.split import make_split
-    from edgetl.deploy.bench import time_interleaved
-    from edgetl.deploy.runtime import session
-    from edgetl.errors import DataError
-    from edgetl.quality.report import metrics
-    from edgetl.train.heads import HeadConfig, train
-    from edgetl.train.orchestrate import check_classes
+    import time
 
+    from edgetl import backbones
+
+    names = list(dict.fromkeys(names))
+    for name in names:  # every name is checked before any work: a typo must not cost the first backbone's run
+        p = Path(name)
+        if p.suffix.lower() == ".onnx" or os.sep in name or p.is_file():
+            if not p.is_file():
+                raise DataError(f"backbone file not found: {name}")
+        elif (":" not in name and name not in backbones._REGISTRY) or \
+                (":" in name and name.partition(":")[0] not in backbones.FAMILIES):
+            backbones.get(name)  # UnknownBackbone, with the close matches
     ds = scan(data, exclude=[cache_root])
     check_classes(ds, list(range(len(ds.items))))
     rows, sessions, split_note = [], {}, ""
-    for name in names:
+    for k, name in enumerate(names, 1):
+        t0 = time.perf_counter()
+        log(f"[{k}/{len(names)}] {name}: embedding {len(ds.items)} photos (cached ones are reused)")
         path = exported(name, log=log)
-        r = embed_folder(ds, path, cache_root, device=device)
+        if features == "multi":  # the multi-depth export of the same backbone (its own cache namespace)
+            path = multi_backbone(metadata(load(path, C.FORMAT_BACKBONE)), None, cache_root, log)
+        r = embed_folder(ds, path, cache_root, device=device, progress=None)
+        log(f"[{k}/{len(names)}] {name}: embedded in {r.seconds:.0f} s; training the head, then timing")
         usable = [i for i, k in enumerate(r.keys) if k is not None]
         split = make_split(r.dataset, r.keys, usable, val_fraction, seed)
         split_note = split.note
@@ -64,7 +88,14 @@ def sweep(data, names: list[str], cache_root, head: str = "linear", device: str 
         x_va = r.namespace.load([r.keys[i] for i in split.val])[1]
         if not len(y_va):
             raise DataError(f"{data} leaves no validation photos to compare backbones on")
-        fit = train(x_tr, y_tr, x_va, y_va, len(ds.classes), HeadConfig(kind=head, seed=seed))
+        cfg = HeadConfig(kind=head, seed=seed)
+        if features == "multi":  # depths chosen on inner folds of the training photos, as train-head does
+            job = Job(r.dataset, split, y_tr, y_va, cfg, 0, cache_root, device, None, 32, lambda line: None)
+            depths = read_layout(metadata(load(path, C.FORMAT_BACKBONE)), x_tr.shape[1], path)
+            _, cols, scale, fit, _ = fit_depths(job, r, depths)
+            x_va = x_va[:, cols] * scale
+        else:
+            fit = train(x_tr, y_tr, x_va, y_va, len(ds.classes), cfg)
         import torch
 
         with torch.no_grad():
@@ -76,7 +107,9 @@ def sweep(data, names: list[str], cache_root, head: str = "linear", device: str 
         sessions[name] = (sess, x1)
         rows.append(Row(name, f"{spec_h}x{spec_w}", m["accuracy"], m["balanced_accuracy"], m["n"], 0.0,
                         os.path.getsize(path) / 1e6, r.seconds))
-        log(f"{name}: val accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f} ({m['n']} photos)")
+        log(f"[{k}/{len(names)}] {name}: val accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f} "
+            f"({m['n']} photos), {time.perf_counter() - t0:.0f} s")
+    log(f"timing batch-1 latency of {len(sessions)} backbones, interleaved (at most 20 s)")
     timing = time_interleaved({n: (lambda s=s, x=x: s.run(None, {"image": x})) for n, (s, x) in sessions.items()},
                               rounds=60, budget_s=20)
     for row in rows:
@@ -113,9 +146,7 @@ def recommend(rows: list[Row]) -> tuple[str, str]:
 
 def plot(result: dict, path) -> None:
     """Accuracy against batch-1 latency, the Pareto front joined, the recommendation circled."""
-    from edgetl.quality.report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in rows:
@@ -130,7 +161,7 @@ def plot(result: dict, path) -> None:
     ax.set_title(f"recommended: {result['recommended']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def table(result: dict) -> str:
@@ -143,8 +174,6 @@ def table(result: dict) -> str:
 
 def write(result: dict, out) -> Path:
     """sweep.json and sweep.png, as one output set."""
-    from edgetl.files import output_set, write_text
-
     with output_set(out) as tmp:
         write_text(tmp / "sweep.json", json.dumps(
             {**result, "rows": [dataclasses.asdict(r) for r in result["rows"]]}, indent=1, allow_nan=False))

@@ -31,6 +31,7 @@ job (runtime_env py_modules); the cluster needs edgetl's dependencies (`pip inst
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import math
@@ -41,8 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.data.sources import EXTRA
-from edgetl.errors import EdgetlError
+import edgetl
+from edgetl.data.encode import embed_encoded
+from edgetl.data.sources import EXTRA, LOCAL, from_config, read_regular
+from edgetl.errors import EdgetlError, ImageError
+from edgetl.ort import output_dim, session
 
 NEW, KNOWN, ERROR = 0, 1, 2  # what a worker did with a row: embedded it; cached or a repeat; could not read it
 SHARD_ROWS = 1024  # the driver writes a shard at least this often (rows) …
@@ -103,7 +107,6 @@ def _connect(ray, engine) -> bool:
     if engine.address is None:
         kw["include_dashboard"] = False
     else:  # the workers run this edgetl, whatever the cluster has installed
-        import edgetl
 
         kw["runtime_env"] = {"py_modules": [str(Path(edgetl.__file__).parent)]}
     try:
@@ -116,9 +119,6 @@ def _connect(ray, engine) -> bool:
 
 def _run(ray, ds, work, backbone, spec, ns, index, known, view, batch_size, engine, bar, t0) -> Run:
     from ray.data import ActorPoolStrategy, DataContext
-
-    import edgetl
-    from edgetl.data.sources import LOCAL
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -272,14 +272,7 @@ class Embedder:
     state (NEW, KNOWN, ERROR), content key, float32 embedding (zeros unless NEW) and error line."""
 
     def __init__(self, model, known, spec, view: str, source: dict, device: str, threads: int, version: str):
-        import concurrent.futures as cf
-
         import ray
-
-        import edgetl
-        from edgetl.data.embed import output_dim
-        from edgetl.data.sources import from_config
-        from edgetl.deploy.runtime import session
 
         if edgetl.__version__ != version:
             raise EdgetlError(f"a Ray worker runs edgetl {edgetl.__version__}, the driver {version}: install the "
@@ -296,9 +289,6 @@ class Embedder:
         self.pool = cf.ThreadPoolExecutor(max(2, threads), thread_name_prefix="edgetl-decode")
 
     def __call__(self, batch: dict) -> dict:
-        from edgetl.data.embed import embed_encoded
-        from edgetl.data.preprocess import read_regular
-
         paths = [str(p) for p in batch["path"]]
         if self.source.remote:
             blobs = self.source.read_many(paths)
@@ -322,8 +312,6 @@ class Embedder:
 
 
 def _read_or_error(read):
-    from edgetl.errors import ImageError
-
     def one(path):
         try:
             return read(path)
