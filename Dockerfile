@@ -2,7 +2,7 @@
 # A device image needs only the runtime: replace the two pip lines by `pip install --no-cache-dir .`.
 # GPU users: start from an NVIDIA CUDA image and install onnxruntime-gpu instead of onnxruntime.
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+RUN apt-get update && apt-get install -y --no-install-recommends libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 RUN pip install --no-cache-dir torch torchvision --index-url https://download.pytorch.org/whl/cpu

@@ -326,15 +326,22 @@ def _in_families(arch: str) -> list[str]:
     return found
 
 
+def check_name(name: str) -> None:
+    """UnknownBackbone (with the close matches) unless `name` is a registered name or FAMILY:ARCH of a known
+    family; builds nothing (a hub architecture's own name is checked when it is built)."""
+    family, sep, arch = name.partition(":")
+    if sep and family not in FAMILIES:
+        raise UnknownBackbone(_unknown_message(name, [f"{f}:{arch}" for f in FAMILIES]))
+    if not sep and name not in _REGISTRY:
+        raise UnknownBackbone(_unknown_message(name, list(_REGISTRY) + _in_families(name)))
+
+
 def get(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
     """Build a registered backbone, frozen, classifier removed. Raises UnknownBackbone/WeightsUnavailable."""
+    check_name(name)
     family, sep, arch = name.partition(":")
     if sep:
-        if family not in FAMILIES:
-            raise UnknownBackbone(_unknown_message(name, [f"{f}:{arch}" for f in FAMILIES]))
         return FAMILIES[family](arch, weights)
-    if name not in _REGISTRY:
-        raise UnknownBackbone(_unknown_message(name, list(_REGISTRY) + _in_families(name)))
     return _REGISTRY[name].build(weights)
 
 

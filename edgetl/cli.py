@@ -636,8 +636,14 @@ SERVE_MODULES = {"starlette", "uvicorn", "prometheus_client", "python_multipart"
 @click.option("--log-json", is_flag=True, help="Log JSON lines (one per request) instead of text.")
 @click.option("--quiet", is_flag=True, help="No line per request (start, reloads and stop are still logged).")
 @click.option("--name", help="The model's name in answers [default: its folder for a model.onnx, else the file's stem].")
+@click.option("--source", "sources", multiple=True,
+              help="Also watch a stream, video or folder ([NAME=]URI; repeatable): GET /v1/streams, "
+                   "/v1/streams/NAME/snapshot.jpg, and /metrics labelled by stream.")
+@click.option("--camera", "cameras", multiple=True, type=click.IntRange(0), help="Also watch a camera (repeatable).")
+@click.option("--streams", "streams_file", type=click.Path(exists=True, dir_okay=False),
+              help="Also watch the streams of a TOML file (as `edgetl run --streams`).")
 def serve(model, host, port, device, max_batch, max_wait_ms, max_queue, max_body_mb, decode_threads, top_k, token, watch,
-          drain_s, log_json, quiet, name):
+          drain_s, log_json, quiet, name, sources, cameras, streams_file):
     """Serve MODEL over HTTP (no torch): POST /v1/predict (an image as the body, or multipart files),
     GET /v1/model, /healthz, /readyz, /metrics, /docs. Requests are batched across clients; SIGHUP
     (or --watch) swaps in a new model file once it loads and checks; SIGTERM/Ctrl-C finishes the
@@ -650,7 +656,8 @@ def serve(model, host, port, device, max_batch, max_wait_ms, max_queue, max_body
         raise EdgetlError(f"`edgetl serve` needs the serve extra ({e.name} is not installed): "
                           "pip install 'edgetl[serve]'") from None
     opts = server.Options(model, host, port, device, max_batch, max_wait_ms, max_queue, max_body_mb, decode_threads or 0,
-                          top_k, token or None, watch, drain_s=drain_s, log_json=log_json, quiet=quiet, name=name)
+                          top_k, token or None, watch, drain_s=drain_s, log_json=log_json, quiet=quiet, name=name,
+                          sources=sources, cameras=cameras, streams_file=streams_file)
     n = server.serve(opts, log=say)
     say(f"stopped; {n} images answered")
 
@@ -820,7 +827,7 @@ def lint(ctx, data, backbone, weights, cache, as_json, html_path, fail_on, val_f
 @click.option("--ort-web", type=click.Path(exists=True, file_okay=False),
               help="A folder with the onnxruntime-web files (the npm package's dist/) [default: downloaded once from "
                    "the npm registry into ~/.cache/edgetl or $EDGETL_CACHE].")
-@click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--threshold", default=0.0, show_default=True, type=FiniteRange(0, 1),
               help="The page's default: answer 'unknown' below this top probability (as in `run`).")
 @click.option("--smooth", default=1, show_default=True, type=click.IntRange(1),
               help="The page's default: average camera frames' probabilities over the last N (as in `run`).")

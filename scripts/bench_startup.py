@@ -43,8 +43,8 @@ def main() -> None:
                                           str(a.video.resolve()), "--headless"]}
     trees = {"this": ROOT, "baseline": a.baseline.resolve()}
     times = {(c, t): [] for c in commands for t in trees}
-    for c, cmd in commands.items():  # warm the file cache once
-        for t, tree in trees.items():
+    for cmd in commands.values():  # warm the file cache once
+        for tree in trees.values():
             timed(cmd, tree)
     for _ in range(a.rounds):
         for c, cmd in commands.items():

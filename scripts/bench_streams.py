@@ -87,9 +87,9 @@ def run_streams(model, sources, seconds: float, warmup: float = 3.0) -> dict:
     t.start()
     time.sleep(warmup)
     s0, n0, l0 = hub.stats(), len(rows), {k: len(v) for k, v in lat.items()}
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     time.sleep(seconds)
-    t1 = time.monotonic()
+    t1, c1 = time.monotonic(), time.process_time()
     s1, n1 = hub.stats(), len(rows)
     hub.stop()
     per = {k: (s1[k]["inferred"] - s0[k]["inferred"]) / (t1 - t0) for k in s1}
@@ -99,7 +99,7 @@ def run_streams(model, sources, seconds: float, warmup: float = 3.0) -> dict:
     half = {k: v[l0[k]:] for k, v in lat.items()}
     first = [x for v in half.values() for x in v[:len(v) // 2]]
     second = [x for v in half.values() for x in v[len(v) // 2:]]
-    return {"fps": (n1 - n0) / (t1 - t0), "per": per, "in": fin, "drops": drops,
+    return {"fps": (n1 - n0) / (t1 - t0), "per_cpu_s": (n1 - n0) / (c1 - c0), "per": per, "in": fin, "drops": drops,
             "p50": float(np.percentile(window, 50)), "p99": float(np.percentile(window, 99)),
             "p99_first": float(np.percentile(first, 99)), "p99_second": float(np.percentile(second, 99)),
             "reconnects": sum(s1[k]["reconnects"] for k in s1)}
@@ -130,17 +130,18 @@ def bare_bound(model, frame: np.ndarray, n_streams: int, seconds: float = 5.0) -
         for t in ts:
             t.start()
         time.sleep(0.5)
-        c0, t0 = sum(counts), time.monotonic()
+        c0, t0, p0 = sum(counts), time.monotonic(), time.process_time()
         time.sleep(seconds)
-        c1, t1 = sum(counts), time.monotonic()
+        c1, t1, p1 = sum(counts), time.monotonic(), time.process_time()
         stop.set()
         for t in ts:
             t.join()
-        return (c1 - c0) / (t1 - t0)
+        return (c1 - c0) / (t1 - t0), (c1 - c0) / (p1 - p0)
 
-    side = lanes(n, per, threads) if n >= 2 else 0.0
-    one = lanes(1, 8, n * threads)
-    return {"side_by_side": side, "one_session": one, "bound": max(side, one), "batch": per, "sessions": n}
+    side, side_cpu = lanes(n, per, threads) if n >= 2 else (0.0, 0.0)
+    one, one_cpu = lanes(1, 8, n * threads)
+    return {"side_by_side": side, "one_session": one, "bound": max(side, one), "bound_cpu": max(side_cpu, one_cpu),
+            "batch": per, "sessions": n}
 
 
 def scenario(model, clip: Path, n: int, n_rtsp: int, fps: int, seconds: float, rounds: int) -> None:
@@ -163,17 +164,22 @@ def scenario(model, clip: Path, n: int, n_rtsp: int, fps: int, seconds: float, r
             mean = statistics.mean(res["per"].values())
             print(f"  round {r + 1}: {res['fps']:.1f} inferred FPS, bound {b['bound']:.1f} "
                   f"(side by side {b['side_by_side']:.1f}, one session {b['one_session']:.1f}) → "
-                  f"{res['fps'] / b['bound']:.2f}x; slowest stream {min(res['per'].values()) / mean:.2f}x the mean; "
+                  f"{res['fps'] / b['bound']:.2f}x (per CPU-second {res['per_cpu_s'] / b['bound_cpu']:.2f}x); "
+                  f"slowest stream {min(res['per'].values()) / mean:.2f}x the mean; "
                   f"p50 {res['p50']:.0f} ms p99 {res['p99']:.0f} ms; drops {res['drops']}", flush=True)
         med = lambda xs: statistics.median(xs)  # noqa: E731
         got, bound = med([x["fps"] for x in results]), med([b["bound"] for b in bounds])
         ratios = [x["fps"] / b["bound"] for x, b in zip(results, bounds)]
+        cpu_ratios = [x["per_cpu_s"] / b["bound_cpu"] for x, b in zip(results, bounds)]
         fair = [min(x["per"].values()) / statistics.mean(x["per"].values()) for x in results]
         offered = n * fps_of(clip)
         print(f"{n} streams x {fps} fps ({n_rtsp} over RTSP), {bounds[0]['sessions']} single-thread sessions, "
               f"batch up to {bounds[0]['batch']}; medians of {rounds} rounds:")
         print(f"  offered {offered:.0f} fps; inferred {got:.1f} fps; bare batched bound {bound:.1f} img/s; "
               f"ratio {med(ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+        print(f"  per CPU-second of this process (capture, decoding and scheduling included): "
+              f"{med([x['per_cpu_s'] for x in results]):.1f} frames vs the bare {med([b['bound_cpu'] for b in bounds]):.1f}; "
+              f"ratio {med(cpu_ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in cpu_ratios)})")
         print(f"  slowest stream / mean: {med(fair):.2f} (rounds {', '.join(f'{x:.2f}' for x in fair)})")
         print(f"  capture→result p50 {med([x['p50'] for x in results]):.0f} ms, p99 {med([x['p99'] for x in results]):.0f} "
               f"ms (first half {med([x['p99_first'] for x in results]):.0f} ms, second half "

@@ -27,7 +27,7 @@ case "$mode" in
         imports="edgetl, torch, torchvision, timm, onnx, onnxruntime, cv2" ;;
   test) extras=train,dev,lite,ray
         # >>> the optional features' extras, for their tests: append ",NAME" (e.g. ",serve,events,web")
-        extras+=""
+        extras+=",serve,events,web"
         # <<<
         imports="edgetl, torch, torchvision, timm, onnx, onnxruntime, cv2, pytest, ray.data, s3fs, moto" ;;
   *) echo "setup: unknown mode '$mode' (demo or test)" >&2; exit 2 ;;
@@ -96,4 +96,8 @@ if [ "$gpu" = 1 ]; then  # the two onnxruntime packages share one folder: never 
   fi
 fi
 .venv/bin/python -c "import $imports"
+if [ "$mode" = test ]; then  # the pinned onnxruntime-web files for export-web's tests (else fetched on first use)
+  .venv/bin/python -c "from edgetl.deploy.web import fetch_runtime; fetch_runtime()" \
+    || echo "setup: onnxruntime-web not fetched; edgetl export-web will fetch it on first use"
+fi
 echo "$base $mode" > "$stamp"

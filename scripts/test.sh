@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test  # everything the tests use
+# The layers (docs/architecture.md): a broken import-linter contract fails the run.
+.venv/bin/lint-imports --no-cache
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

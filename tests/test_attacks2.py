@@ -484,3 +484,15 @@ def test_bench_statistics_a_mean_below_the_median_is_what_two_groups_of_runs_giv
     s = bench.percentiles(runs)
     assert s["p50_ms"] == pytest.approx(6.6) and s["mean_ms"] == pytest.approx(1e3 * sum(runs) / len(runs))
     assert s["mean_ms"] < s["p50_ms"] and s["min_ms"] == pytest.approx(4.0) and s["p99_ms"] == pytest.approx(6.6)
+
+
+# -- first use 5: sweep was silent for minutes per backbone ------------------------------------------------------
+
+def test_sweep_says_what_it_does_for_each_backbone(trained, tmp_path):
+    data, _, _ = trained
+    r = cli("sweep", data, "--backbones", "tiny_test", "--cache", tmp_path / "c", "-o", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    for start in ("[1/1] tiny_test: embedding 12 photos", "[1/1] tiny_test: embedded in ",
+                  "[1/1] tiny_test: val accuracy ", "timing batch-1 latency of 1 backbones"):
+        assert any(line.startswith(start) for line in lines), (start, r.output)

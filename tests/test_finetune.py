@@ -176,7 +176,9 @@ def test_auto_rule_and_its_report(data, tmp_path, tiny_onnx):
     assert choose_regime(AUTO_HEAD_BELOW)[0] == "2"
     assert choose_regime(AUTO_ALL_FROM)[0] == "all"
     out = tmp_path / "o"
-    r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", out, "--unfreeze", "auto")
+    # a small budget keeps the test short: the heads still run every fold, the dear candidates what fits
+    r = cli("train-head", data, "--backbone", tiny_onnx, "--cache", tmp_path / "c", "-o", out, "--unfreeze", "auto",
+            "--budget", "4")
     assert r.exit_code == 0, r.output
     s = json.loads((out / "metrics.json").read_text())
     rows = s["search"]["rows"]

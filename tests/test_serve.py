@@ -391,10 +391,14 @@ def test_hot_swap_on_sighup_and_watch_refuses_a_broken_file(models, serve, tmp_p
 def test_sigterm_finishes_requests_in_flight_and_exits_0(models, serve):
     a, _, files = models
     s = serve(a, "--decode-threads", "1", "--max-queue", "64", "--quiet")
-    bodies = [f.read_bytes() for f in files] * 3
+    bodies = [f.read_bytes() for f in files] * 4
     with cf.ThreadPoolExecutor(len(bodies)) as pool:
         futures = [pool.submit(s.request, "POST", "/v1/predict", b) for b in bodies]
-        time.sleep(0.05)
+        deadline = time.monotonic() + 20  # SIGTERM once requests are in flight
+        while not re.search(r"edgetl_queue_depth [1-9]", s.request("GET", "/metrics")[2]):
+            assert time.monotonic() < deadline, "no request got in flight"
+            if all(f.done() for f in futures):
+                break
         t0 = time.monotonic()
         code = s.stop(signal.SIGTERM)
         took = time.monotonic() - t0
@@ -406,7 +410,8 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(models, serve):
                 outcomes.append("refused")  # sent after the listener closed
     assert code == 0 and took < 15, s.log()
     assert set(outcomes) <= {200, 503, "refused"} and 200 in outcomes, outcomes
-    assert "SIGTERM: stopping" in s.log() and "stopped;" in s.log()
+    in_flight = int(re.search(r"SIGTERM: stopping; finishing (\d+) images in flight", s.log()).group(1))
+    assert outcomes.count(200) >= in_flight and "stopped;" in s.log(), (outcomes, s.log())  # every one finished
 
 
 def test_load_with_faults_and_a_hot_swap_in_the_middle(models, serve, tmp_path):
@@ -562,3 +567,32 @@ def test_missing_extra_and_busy_port_are_one_line_errors(models):
                             str(port)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_serve_also_watches_streams(models, tmp_path):
+    """`edgetl serve MODEL --source NAME=URI`: the streams' numbers at /v1/streams, a snapshot of each, and
+    /metrics labelled by stream; an unknown stream is a 404, never a path."""
+    a, _, photos = models
+    server = Server(a, tmp_path, "--source", f"shots={photos[0].parent}", "--quiet")
+    try:
+        deadline, shots = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            status, _, body = server.request("GET", "/v1/streams")
+            assert status == 200, body
+            shots = body["shots"]
+            if shots["inferred"] >= len(photos):
+                break
+            time.sleep(0.2)
+        assert shots["inferred"] == shots["frames_in"] == len(photos) and shots["kind"] == "files", shots
+        c = server.conn()
+        c.request("GET", "/v1/streams/shots/snapshot.jpg")
+        r = c.getresponse()
+        jpeg = r.read()
+        assert r.status == 200 and r.getheader("content-type") == "image/jpeg" and jpeg[:2] == b"\xff\xd8"
+        assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) is not None
+        status, _, body = server.request("GET", "/v1/streams/..%2Fetc%2Fpasswd/snapshot.jpg")
+        assert status == 404 and body["kind"] == "not_found"
+        status, _, text = server.request("GET", "/metrics")
+        assert status == 200 and 'stream="shots"' in text
+    finally:
+        assert server.stop() == 0, server.log()

@@ -74,9 +74,9 @@ def load_served(path, device: str = "auto", name: str | None = None, warm_batch:
     runners = [dataclasses.replace(model, session=s).probabilities for s in sessions]
     h, w = model.spec.input_size
     zeros = np.zeros((max(1, warm_batch), h, w, 3), np.uint8)
-    for run in runners + ([solo] if solo else []):  # a session's first run allocates its buffers: not on a request's time
-        out = run(zeros)
-        if out.shape != (len(zeros), len(model.classes)) or not np.isfinite(out).all():
+    for run, x in [(r, zeros) for r in runners] + ([(solo, zeros[:1])] if solo else []):
+        out = run(x)  # a session's first run allocates its buffers: not on a request's time (the solo one runs batch 1)
+        if out.shape != (len(x), len(model.classes)) or not np.isfinite(out).all():
             raise ModelError(f"{path}: its output on a test batch is not {len(model.classes)} finite probabilities")
     model.session = sessions[0]  # the checking session (default threads) is dropped
     return Served(model, runners, sha, name or model_name(path), time.time(), solo)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.data.preprocess import opencv
-from edgetl.deploy.live import UNKNOWN
+from edgetl.deploy.video import UNKNOWN
 from edgetl.errors import OutputError
 from edgetl.files import writable_dir, write_bytes, write_text
 

@@ -26,9 +26,8 @@ import urllib.request
 
 import numpy as np
 
+from edgetl.deploy.video import UNKNOWN
 from edgetl.errors import EdgetlError
-
-UNKNOWN = "unknown"
 
 
 class EventError(EdgetlError):

@@ -19,7 +19,6 @@ import queue
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,11 +29,9 @@ from edgetl.data.preprocess import decode_bgr, frame_to_input, opencv
 from edgetl.data.scan import image_by_content
 from edgetl.data.sources import read_regular
 from edgetl.deploy.runtime import expand_paths
+from edgetl.deploy.video import UNKNOWN, Video, draw, has_display, opencv_name, qt_fonts, unlink_name, utf8_name
 from edgetl.errors import EdgetlError, ModelError
-from edgetl.files import check_parent_writable, file_mode, writable_dir
 from edgetl.ort import cpu_sessions, model_bytes, read_metadata, session
-
-UNKNOWN = "unknown"
 
 
 @dataclasses.dataclass
@@ -100,13 +97,13 @@ class Capture:
             self._files = list(self.target)
             return
         else:
-            name, link = _opencv_name(Path(self.target)) if self.kind == "file" else (str(self.target), None)
-            if link is None and not _utf8(name):
+            name, link = opencv_name(Path(self.target)) if self.kind == "file" else (str(self.target), None)
+            if link is None and not utf8_name(name):
                 raise SourceError(f"cannot open {name!r}: OpenCV takes only UTF-8 addresses")
             try:
                 self._cap = cv2.VideoCapture(name)
             finally:
-                _unlink_name(link)
+                unlink_name(link)
             if not self._cap.isOpened():
                 raise SourceError(f"cannot open video source {self.target}")
         self.fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -245,29 +242,6 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float, top_k: int):
     return label, top[0][1], top
 
 
-def draw(frame: np.ndarray, label: str, prob: float, top, fps: float, stages: dict[str, float]) -> np.ndarray:
-    """Overlay: label and confidence, top-k bars, FPS and per-stage latency."""
-    cv2 = opencv()
-    img = frame.copy()
-    h, w = img.shape[:2]
-    scale = max(0.5, w / 900)
-    colour = (60, 200, 60) if label != UNKNOWN else (0, 165, 255)
-    cv2.rectangle(img, (0, 0), (w, int(44 * scale)), (0, 0, 0), -1)
-    cv2.putText(img, f"{label} {prob:.2f}", (10, int(32 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 1.0 * scale, colour,
-                max(1, int(2 * scale)), cv2.LINE_AA)
-    y = int(60 * scale)
-    for name, p in top:
-        bar = int((w * 0.35) * p)
-        cv2.rectangle(img, (10, y), (10 + bar, y + int(16 * scale)), (200, 160, 40), -1)
-        cv2.putText(img, f"{name} {p:.2f}", (14, y + int(13 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale,
-                    (255, 255, 255), 1, cv2.LINE_AA)
-        y += int(22 * scale)
-    info = f"{fps:.1f} FPS  " + "  ".join(f"{k} {v:.1f}ms" for k, v in stages.items())
-    cv2.rectangle(img, (0, h - int(26 * scale)), (w, h), (0, 0, 0), -1)
-    cv2.putText(img, info, (10, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale, (255, 255, 255), 1, cv2.LINE_AA)
-    return img
-
-
 @dataclasses.dataclass
 class RunSummary:
     frames: int
@@ -284,21 +258,6 @@ class RunSummary:
         return (f"{self.frames} frames in {self.seconds:.1f} s ({fps:.1f} FPS; {st}); {self.ended}"
                 + (f"; {self.dropped} stale frames dropped" if self.dropped else "")
                 + (f"; saved {self.saved}" if self.saved else ""))
-
-
-def _qt_fonts() -> None:
-    """opencv-python's Qt looks for fonts in a folder the wheel does not ship (and warns on every
-    draw); point it at the system's fonts when there are any."""
-    if os.path.isdir(os.environ.get("QT_QPA_FONTDIR", "")):
-        return
-    for d in ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype", "/usr/share/fonts"):
-        if os.path.isdir(d):
-            os.environ["QT_QPA_FONTDIR"] = d
-            return
-
-
-def has_display() -> bool:
-    return os.name == "nt" or sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 class _Signalled(BaseException):
@@ -357,10 +316,10 @@ def run(model, camera: int | None = None, source: str | None = None, headless: b
         window = False
         log(f"{gui}; saving to {save} without a window")
     if window:
-        _qt_fonts()
+        qt_fonts()
     names = ", ".join(model.classes[:6]) + (", …" if len(model.classes) > 6 else "")
     log(f"model {model.path} ({len(model.classes)} classes: {names}; {model.provider.replace('ExecutionProvider', '')})")
-    video = _Video(save) if save else None
+    video = Video(save) if save else None
     smoother = Smoother(smooth)
     stats = collections.defaultdict(float)
     n, ended, code, t_begin = 0, "end of source", 0, time.perf_counter()
@@ -490,85 +449,3 @@ def _silence_stdout() -> None:
         pass
 
 
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _opencv_name(path: Path) -> tuple[str, str | None]:
-    """A name OpenCV can open for `path`, and the temporary link folder to remove once it is open.
-
-    OpenCV takes names as UTF-8 only: a name with bytes that are not UTF-8 (which Python holds as
-    surrogates) crashed it. Such a path is reached through a link with an ASCII name in a fresh
-    temporary folder: to the file itself, or, when only its folder's name is the problem (a file to
-    be written under an ASCII name), to the folder."""
-    name = str(path)
-    if _utf8(name):
-        return name, None
-
-    tmp = tempfile.mkdtemp(prefix="edgetl-name-")
-    if _utf8(path.name):
-        os.symlink(os.path.abspath(path.parent), os.path.join(tmp, "d"))
-        return os.path.join(tmp, "d", path.name), tmp
-    suffix = path.suffix if _utf8(path.suffix) else ""
-    os.symlink(os.path.abspath(path), os.path.join(tmp, "source" + suffix))
-    return os.path.join(tmp, "source" + suffix), tmp
-
-
-def _unlink_name(tmp: str | None) -> None:
-    if tmp is not None:
-        for entry in os.listdir(tmp):
-            os.unlink(os.path.join(tmp, entry))
-        os.rmdir(tmp)
-
-
-class _Video:
-    """An annotated video written under a temporary name beside `path` and renamed into place by
-    `close()`, so `path` is always either absent, the previous file, or a finished video."""
-
-    def __init__(self, path: str):
-        self.final = Path(path)
-        check_parent_writable(self.final.parent / "x")
-        # A name of its own (two runs may save to the same file at once), ASCII whatever the final name
-        suffix = self.final.suffix if self.final.suffix.isascii() else ".avi"
-        self.tmp = self.final.parent / f".edgetl-{os.getpid()}-{os.urandom(4).hex()}.partial{suffix}"
-        self.video = None
-        self.size: tuple[int, int] | None = None
-        self.frames = 0
-
-    def write(self, img: np.ndarray, fps: float) -> None:
-        cv2 = opencv()
-        if self.video is None:
-            writable_dir(self.final.parent)
-            self.size = (img.shape[1], img.shape[0])
-            mp4 = self.final.suffix.lower() in (".mp4", ".m4v", ".mov")
-            name, link = _opencv_name(self.tmp)
-            try:
-                self.video = cv2.VideoWriter(name, cv2.VideoWriter_fourcc(*("mp4v" if mp4 else "MJPG")), fps,
-                                             self.size)
-            finally:
-                _unlink_name(link)
-            if not self.video.isOpened():
-                self.video = None
-                raise EdgetlError(f"cannot write video {self.final} (try a .mp4 or .avi name)")
-        if (img.shape[1], img.shape[0]) != self.size:
-            img = cv2.resize(img, self.size)
-        self.video.write(img)
-        self.frames += 1
-
-    def close(self) -> Path | None:
-        """Finish the file and move it into place; None when no frame was written."""
-        if self.video is None:
-            return None
-        self.video.release()
-        self.video = None
-        if not self.frames:
-            self.tmp.unlink(missing_ok=True)
-            return None
-
-        os.chmod(self.tmp, file_mode())
-        os.replace(self.tmp, self.final)
-        return self.final

@@ -41,6 +41,7 @@ from edgetl.data.preprocess import opencv
 from edgetl.deploy.batcher import Batcher, Job, Served, load_served
 from edgetl.deploy.serve_docs import openapi, page
 from edgetl.deploy.serve_front import Front, Metrics, error, safe
+from edgetl.deploy.streams import SourceError, Streams, parse_sources
 from edgetl.deploy.uploads import BadInput, decode_upload, media_type, multipart_files
 from edgetl.errors import EdgetlError
 from edgetl.ort import physical_cores
@@ -70,6 +71,9 @@ class Options:
     log_json: bool = False
     quiet: bool = False  # no line per request
     name: str | None = None
+    sources: tuple = ()  # streams watched beside the HTTP API (`--source`, `--camera`, `--streams`)
+    cameras: tuple = ()
+    streams_file: str | None = None
 
 
 class Service:
@@ -89,6 +93,7 @@ class Service:
         self.stopping = False
         self.answered = 0
         self._reloading, self._again, self._reload_task = False, False, None
+        self.hub = None  # streams.Streams when the server also watches sources
         m.queue_limit.set(opts.max_queue)
         m.set_model(served)
         # Warm the decode threads too (OpenCV's first decode on a thread is slow): /readyz means warmed.
@@ -270,7 +275,24 @@ class Service:
         return JSONResponse({"ready": True, "model": self.batcher.served.ref()})
 
     async def metrics_text(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        text = generate_latest(self.metrics.registry)
+        if self.hub is not None:  # the watched streams, labelled by stream
+            text += self.hub.prometheus().encode()
+        return Response(text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def streams(self, request: Request) -> Response:
+        if self.hub is None:
+            return error(404, "not_found", "this server watches no streams (start it with --source)")
+        return JSONResponse(self.hub.stats())
+
+    async def snapshot(self, request: Request) -> Response:
+        if self.hub is None:
+            return error(404, "not_found", "this server watches no streams (start it with --source)")
+        try:  # the name is only looked up among the streams: it never becomes a path
+            jpeg = self.hub.snapshot(request.path_params["name"])
+        except SourceError as e:
+            return error(404, "not_found", str(e))
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi(self.batcher.served))
@@ -350,7 +372,8 @@ def app(service: Service) -> Starlette:
     routes = [Route("/v1/predict", service.predict, methods=["POST"]), Route("/v1/model", service.model_info),
               Route("/healthz", service.healthz), Route("/readyz", service.readyz),
               Route("/metrics", service.metrics_text), Route("/openapi.json", service.openapi),
-              Route("/docs", service.docs)]
+              Route("/docs", service.docs), Route("/v1/streams", service.streams),
+              Route("/v1/streams/{name}/snapshot.jpg", service.snapshot)]
     o = service.opts
     return Front(Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found}), service.metrics,
                  o.token, service.log, o.log_json, o.quiet)
@@ -417,6 +440,11 @@ def serve(opts: Options, log=lambda line: print(line, file=sys.stderr, flush=Tru
     served = load_served(opts.model, opts.device, opts.name, opts.max_batch)
     sock = listen(opts.host, opts.port)
     svc = Service(opts, served, log)
+    if opts.sources or opts.cameras or opts.streams_file:  # sources watched beside the API (the served model)
+        svc.hub = Streams(served.model, parse_sources(opts.sources, opts.cameras, opts.streams_file), log=log)
+        svc.hub.start().consume_in_background()
+        log(f"watching {len(svc.hub.names)} stream{'s' if len(svc.hub.names) > 1 else ''}: "
+            f"{', '.join(svc.hub.names)} (GET /v1/streams)")
     config = uvicorn.Config(app(svc), log_config=None, access_log=False, lifespan="off", server_header=False,
                             timeout_graceful_shutdown=max(1, round(opts.drain_s)), timeout_keep_alive=5)
     server = _Server(config, svc)
@@ -431,6 +459,8 @@ def serve(opts: Options, log=lambda line: print(line, file=sys.stderr, flush=Tru
     try:
         server.run(sockets=[sock])
     finally:
+        if svc.hub is not None:
+            svc.hub.stop()
         svc.batcher.stop(opts.drain_s)
         svc.pool.shutdown(wait=False, cancel_futures=True)
         sock.close()

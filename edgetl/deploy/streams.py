@@ -17,358 +17,30 @@ The `Streams` object is the API (`edgetl run` uses it; `edgetl serve --source` c
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import queue
-import re
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-from edgetl.data.preprocess import decode_bgr, frame_to_input, opencv
-from edgetl.data.sources import read_regular
+from edgetl.data.preprocess import frame_to_input, opencv
 from edgetl.deploy import events as ev
-from edgetl.deploy.live import Smoother, SourceError, decide, resolve_source
+from edgetl.deploy.live import Smoother, SourceError, decide
+from edgetl.deploy.stream_capture import DROP_REASONS, Item, Result, Stream
+from edgetl.deploy.stream_sources import Source, load_streams_file, make_source, parse_sources
 from edgetl.errors import EdgetlError
 from edgetl.ort import cpu_sessions, model_bytes, read_metadata, session
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = None
-
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-DROP_REASONS = ("superseded", "stale")
-STREAM_KEYS = {"name", "source", "camera", "retries", "realtime"}
-
-
-@dataclasses.dataclass
-class Source:
-    """One stream: `kind` camera | stream | file | files (a folder or glob of images)."""
-
-    name: str
-    uri: str  # as the user gave it (shown with its password redacted)
-    kind: str
-    target: object  # camera index, URL, Path, or a list of Paths
-    retries: int | None = None  # failed reopenings in a row before giving up; None: forever
-    realtime: bool = True  # a video file played at its frame rate (False: every frame, in order)
-    named: bool = False  # the name was given (not made from the source)
-
-    @property
-    def live(self) -> bool:
-        """Newest frame only (drops counted); False: every frame in order, never dropped."""
-        return self.kind in ("camera", "stream") or (self.kind == "file" and self.realtime)
-
-
-def _default_name(uri: str, camera: int | None) -> str:
-    if camera is not None:
-        return f"camera{camera}"
-    tail = uri.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-    stem = Path(tail).stem if "://" not in uri or "/" in uri.split("://", 1)[1] else ""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem or uri.split("://", 1)[-1].split("/")[0]).strip("-")
-    return (stem or "stream")[:64]
-
-
-def _split_name(text: str) -> tuple[str | None, str]:
-    """'door=rtsp://…' → ('door', 'rtsp://…'); a plain source (or a path that exists) → (None, text)."""
-    if "=" in text and not os.path.exists(text):
-        name, rest = text.split("=", 1)
-        if rest and NAME.match(name):
-            return name, rest
-        if rest and ":" not in name and "/" not in name:
-            raise SourceError(f"--source {text!r}: a stream name is letters, digits, - and _ (at most 64)")
-    return None, text
-
-
-def make_source(name: str | None, uri: str | None, camera: int | None = None, retries: int | None = None,
-                realtime: bool = True) -> Source:
-    """A checked Source. A missing file or an empty folder is an error now; a network stream or a camera
-    that cannot open is retried when the run starts."""
-    if camera is not None:
-        kind, target = "camera", camera
-    else:
-        kind, target, _ = resolve_source(None, uri)
-    given = uri if camera is None else f"camera {camera}"
-    named = bool(name)
-    name = name or _default_name(uri or "", camera)
-    if not NAME.match(name):
-        raise SourceError(f"stream name {name!r}: use letters, digits, - and _ (at most 64)")
-    return Source(name, given, kind, target, retries, realtime, named)
-
-
-def parse_sources(sources=(), cameras=(), streams_file: str | None = None, retries: int | None = None) -> list[Source]:
-    """--source (each NAME=URI or URI), --camera and --streams FILE.toml → checked Sources with
-    unique names (an unnamed duplicate gets -2, -3…; a repeated given name is an error)."""
-    out: list[Source] = []
-    for text in sources:
-        name, uri = _split_name(text)
-        out.append(make_source(name, uri, retries=retries))
-    for cam in cameras:
-        out.append(make_source(None, None, camera=cam, retries=retries))
-    if streams_file:
-        out += load_streams_file(streams_file, retries)
-    if not out:
-        raise SourceError("no source: give --source (repeatable, NAME=URI), --camera or --streams FILE.toml")
-    named = [s.name for s in out if s.named]
-    twice = sorted({n for n in named if named.count(n) > 1})
-    if twice:
-        raise SourceError(f"two streams are named {twice[0]!r}; give each its own name")
-    seen: dict[str, int] = {n: 1 for n in named}
-    for s in (s for s in out if not s.named):
-        if s.name in seen:
-            seen[s.name] += 1
-            s.name = f"{s.name}-{seen[s.name]}"
-            if s.name in seen:
-                raise SourceError(f"two streams are named {s.name!r}; name them (NAME=URI)")
-        seen.setdefault(s.name, 1)
-    return out
-
-
-def load_streams_file(path: str, retries: int | None = None) -> list[Source]:
-    """A TOML file of [[stream]] tables: name, source (file, folder or URL) or camera (index), and
-    optionally retries and realtime. SourceError (one line) for anything else."""
-    if tomllib is None:
-        raise SourceError("--streams needs Python 3.11 or later (tomllib)")
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise SourceError(f"--streams {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SourceError(f"--streams {path}: not valid TOML ({e})") from None
-    extra = sorted(set(doc) - {"stream"})
-    tables = doc.get("stream")
-    if extra or not isinstance(tables, list) or not tables:
-        what = f"unknown table {extra[0]!r}" if extra else "no [[stream]] tables"
-        raise SourceError(f"--streams {path}: {what}; each stream is a [[stream]] table with name and source or camera")
-    out = []
-    for i, t in enumerate(tables, 1):
-        where = f"--streams {path}: stream {i}"
-        if not isinstance(t, dict):
-            raise SourceError(f"{where}: not a table")
-        unknown = sorted(set(t) - STREAM_KEYS)
-        if unknown:
-            raise SourceError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(STREAM_KEYS))})")
-        if ("source" in t) == ("camera" in t):
-            raise SourceError(f"{where}: give exactly one of source = \"FILE|URL|FOLDER\" or camera = INDEX")
-        cam = t.get("camera")
-        if cam is not None and (not isinstance(cam, int) or isinstance(cam, bool) or cam < 0):
-            raise SourceError(f"{where}: camera is a camera index (0, 1, …)")
-        src = t.get("source")
-        if src is not None and not (isinstance(src, str) and src):
-            raise SourceError(f"{where}: source is a file, folder or URL (a string)")
-        r = t.get("retries", retries)
-        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
-            raise SourceError(f"{where}: retries is a whole number (0: never reconnect)")
-        rt = t.get("realtime", True)
-        if not isinstance(rt, bool):
-            raise SourceError(f"{where}: realtime is true or false")
-        name = t.get("name")
-        if name is not None and not isinstance(name, str):
-            raise SourceError(f"{where}: name is a string")
-        out.append(make_source(name, src, cam, r, rt))
-    return out
-
-
-@dataclasses.dataclass
-class Item:
-    seq: int  # the frame's number in its stream (frames in)
-    t: float  # time.monotonic() when it was read
-    pos: float  # seconds: position in a file, or since the run began
-    bgr: np.ndarray
-
-
-@dataclasses.dataclass
-class Result:
-    stream: "Stream"
-    item: Item
-    probs: np.ndarray
-    done: float  # time.monotonic() when inference returned
-
-
-class Stream:
-    """A source's capture thread, its newest frame and its numbers."""
-
-    def __init__(self, hub: "Streams", src: Source):
-        self.hub, self.src, self.name = hub, src, src.name
-        self.state = "starting"  # starting | up | down | ended | gave up | stopped
-        self.frames_in = 0
-        self.inferred = 0
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)
-        self.reconnects = 0  # recoveries after a loss
-        self.failed_opens = 0
-        self.slot: Item | None = None  # the newest frame not yet taken
-        self.busy = False  # a frame of this stream is being inferred
-        self.last: Item | None = None  # the newest frame read (snapshots)
-        self.latencies: collections.deque = collections.deque(maxlen=2048)  # capture → result, ms
-        self.label: str | None = None  # the stream's (debounced) class
-        self.prob = 0.0
-        self.error: str | None = None
-        self.fps = 0.0
-        self.thread = threading.Thread(target=self._run, name=f"edgetl-capture-{self.name}", daemon=True)
-
-    # --- capture thread ---------------------------------------------------------------------------
-    def _open(self):
-        cv2 = opencv()
-        s, hub = self.src, self.hub
-        if s.kind == "camera":
-            cap = cv2.VideoCapture(int(s.target))
-        elif s.kind == "stream":
-            cap = cv2.VideoCapture(str(s.target), cv2.CAP_FFMPEG,
-                                   [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(hub.open_timeout * 1000),
-                                    cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(hub.silence * 1000),
-                                    cv2.CAP_PROP_N_THREADS, 1])
-        else:
-            cap = cv2.VideoCapture(str(s.target))
-        if not cap.isOpened():
-            cap.release()
-            return None
-        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        self.fps = fps if 0 < fps < 1000 else 0.0
-        return cap
-
-    def _post(self, bgr: np.ndarray, pos: float) -> bool:
-        """Hand a frame over; False when the run is stopping. A live source replaces its untaken frame
-        (counted as superseded); the others wait until it is taken."""
-        hub = self.hub
-        item = Item(self.frames_in, time.monotonic(), pos, bgr)
-        with hub.cond:
-            if not self.src.live:
-                while self.slot is not None and not hub.stopping.is_set():
-                    hub.cond.wait(0.2)
-            if hub.stopping.is_set():
-                return False
-            if self.slot is not None:
-                self.dropped["superseded"] += 1
-            self.slot = item
-            self.last = item
-            self.frames_in += 1
-            hub.cond.notify_all()
-        return True
-
-    def _run(self) -> None:
-        try:
-            if self.src.kind == "files":
-                self._run_files()
-            else:
-                self._run_capture()
-        except Exception as e:  # noqa: BLE001 - one stream's failure is its own line, never the others'
-            self.error = f"{type(e).__name__}: {e}"
-            self.hub.log(f"stream {self.name}: stopped ({self.error})")
-            self.state = "gave up"
-        finally:
-            with self.hub.cond:
-                self.hub.cond.notify_all()
-
-    def _run_files(self) -> None:
-        self.state = "up"
-        for path in self.src.target:
-            if self.hub.stopping.is_set():
-                break
-            try:
-                bgr = decode_bgr(read_regular(path), self.hub.model.spec.resize_size, str(path))
-            except (OSError, EdgetlError) as e:
-                self.hub.log(f"stream {self.name}: skipped {path}: {e}")
-                continue
-            if not self._post(bgr, 0.0):
-                break
-        self.state = "stopped" if self.hub.stopping.is_set() else "ended"
-
-    def _run_capture(self) -> None:
-        cv2 = opencv()
-        hub, src, stop = self.hub, self.src, self.hub.stopping
-        attempt, lost_at, reported, was_up = 0, None, False, False
-        while not stop.is_set():
-            cap = self._open()
-            if cap is not None:
-                got = 0
-                t_start = time.monotonic()
-                try:
-                    while not stop.is_set():
-                        ok, bgr = cap.read()
-                        if not ok or bgr is None:
-                            break
-                        if got == 0:
-                            if lost_at is not None:
-                                self.reconnects += was_up
-                                hub.log(f"stream {self.name}: {'back' if was_up else 'opened'} after "
-                                        f"{time.monotonic() - lost_at:.1f} s ({attempt} "
-                                        f"{'re' * was_up}connection attempt{'s' * (attempt != 1)})")
-                            self.state, was_up = "up", True
-                            attempt, lost_at, reported = 0, None, False
-                        got += 1
-                        if src.kind == "file":
-                            pos = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-                            if src.realtime and self.fps:
-                                wait = t_start + pos - time.monotonic()
-                                if wait > 0 and stop.wait(wait):
-                                    break
-                        else:
-                            pos = time.monotonic() - hub.t0
-                        if not self._post(bgr, pos):
-                            break
-                finally:
-                    cap.release()
-                if stop.is_set():
-                    break
-                if src.kind == "file" and got:
-                    self.state = "ended"
-                    return
-                if got:
-                    lost_at, reported = time.monotonic(), True
-                    self.state = "down"
-                    hub.log(f"stream {self.name}: lost (no frame for {hub.silence:g} s, or the source closed); "
-                            f"reconnecting with backoff up to {hub.backoff_max:g} s")
-            if cap is None or not got:
-                self.failed_opens += 1
-                if lost_at is None:
-                    lost_at = time.monotonic()
-                self.state = "down"
-                if not reported:
-                    reported = True
-                    what = "cannot open" if cap is None else "opened but sent no frame"
-                    more = ("; retrying with backoff up to " f"{hub.backoff_max:g} s"
-                            if src.kind != "file" and src.retries != 0 else "")
-                    hub.log(f"stream {self.name}: {what} {self.shown()}{more}")
-                if src.kind == "file":  # a file that does not decode does not get better
-                    self.state, self.error = "gave up", f"cannot read {src.uri}"
-                    return
-            if src.retries is not None and attempt >= src.retries:
-                self.state = "gave up"
-                self.error = f"gave up after {attempt} reconnection attempt{'s' * (attempt != 1)}"
-                hub.log(f"stream {self.name}: {self.error}")
-                return
-            delay = ev.backoff_delay(attempt, hub.backoff_base, hub.backoff_max)
-            attempt += 1
-            if stop.wait(delay):
-                break
-        self.state = "stopped"
-
-    # --- numbers --------------------------------------------------------------------------------------
-    def shown(self) -> str:
-        return ev.redact(self.src.uri)
-
-    def stats(self) -> dict:
-        lat = np.array(list(self.latencies)) if self.latencies else None  # a copy: the consumer appends
-        return {"source": self.shown(), "kind": self.src.kind, "state": self.state, "frames_in": self.frames_in,
-                "inferred": self.inferred, "dropped": dict(self.dropped), "reconnects": self.reconnects,
-                "failed_opens": self.failed_opens,
-                "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1) if lat is not None else None,
-                               "p99": round(float(np.percentile(lat, 99)), 1) if lat is not None else None},
-                "seconds": round(time.monotonic() - self.hub.t0, 3),
-                "class": self.label, "prob": round(self.prob, 4), "error": self.error}
-
-    @property
-    def finished(self) -> bool:
-        return not self.thread.is_alive() and self.state in ("ended", "gave up", "stopped")
+# The API of a multi-stream run, in one place (sources and capture live in stream_sources and stream_capture).
+__all__ = ["DROP_REASONS", "Source", "SourceError", "Stream", "Streams", "load_streams_file", "make_source",
+           "parse_sources", "run", "stats_lines"]
 
 
 @dataclasses.dataclass
@@ -393,7 +65,8 @@ class Summary:
             out.append(f"{name}: {e['delivered']} events delivered, {e['waiting']} undelivered, {e['dropped']} dropped"
                        + (f", {e['rejected']} refused" if e["rejected"] else ""))
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
-        out.append(f"{self.frames} frames from {len(self.streams)} streams in {self.seconds:.1f} s ({fps:.1f} FPS); "
+        n = len(self.streams)
+        out.append(f"{self.frames} frames from {n} stream{'s' * (n != 1)} in {self.seconds:.1f} s ({fps:.1f} FPS); "
                    f"{self.ended}")
         return out
 
@@ -673,7 +346,7 @@ def run(model, sources: list[Source], *, headless: bool = True, stats_every: flo
     hub = Streams(model, sources, log=log, **options)
     names = ", ".join(f"{s.name} ({s.shown()})" for s in hub.streams)
     log(f"model {model.path} ({len(model.classes)} classes; {model.provider.replace('ExecutionProvider', '')}); "
-        f"{len(hub.streams)} streams: {names}")
+        f"{len(hub.streams)} stream{'s' * (len(hub.streams) != 1)}: {names}")
     signalled: list[int] = []
     handlers = {}
     if threading.current_thread() is threading.main_thread():

@@ -1,1 +1,1 @@
-"""Artifacts: PyTorch → ONNX with parity checks, fusion into one model; each verified before it is written."""
+"""Artifacts: PyTorch → ONNX with parity checks, pure graph functions, multi-depth export, fusion, quantization."""

@@ -1,1 +1,1 @@
-"""Quality: metrics, plots and the model card."""
+"""Quality: metrics (torch-free), the checks and report of `edgetl lint`, self-contained HTML pages."""

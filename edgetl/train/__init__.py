@@ -1,1 +1,1 @@
-"""Training: heads on cached embeddings, fewer frozen layers, full fine-tuning, and the train-head orchestration."""
+"""Training: train-head (a typed request, one module per regime, auto), heads, the training loop, sweep, lint, the model card."""

@@ -1,10 +1,7 @@
-"""Fewer frozen layers: cut a backbone into stem → blocks → tail, export the frozen trunk, train the
-last N blocks (from their pretrained weights) plus a head on cached activation maps; or fine-tune
-everything on raw images with augmentation (`--unfreeze all`).
-
-Cut points exist for the common block structures: timm EfficientNet/MobileNet (`blocks`), ResNet
-(`layer1..4`), timm `stages` models (ConvNeXt, …), and torchvision `features` models
-(MobileNet, EfficientNet). Every cut is verified: stem → blocks → tail must equal the backbone.
+"""The training loop of the regimes that train network blocks: the last N blocks plus a head on cached
+activation maps (train/top.py) and the whole network on augmented raw images (train/full.py). The recipe
+(warm-up, TrivialAugment, mixup/cutmix, EMA, layer-wise LR decay), batches on the device, mixed precision.
+torch is imported by the functions that need it.
 """
 
 from __future__ import annotations

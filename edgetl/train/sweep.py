@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
 from edgetl import contract as C
-from edgetl.backbones import exported
+from edgetl.backbones import check_name, exported
 from edgetl.data.embed import embed_folder
 from edgetl.data.scan import scan
 from edgetl.data.split import make_split
@@ -54,19 +55,14 @@ def sweep(data, names: list[str], cache_root, head: str = "linear", device: str 
 
     Returns {"rows": [Row...], "recommended": name, "reason": text, "split": note}.
     """
-    import time
-
-    from edgetl import backbones
-
     names = list(dict.fromkeys(names))
     for name in names:  # every name is checked before any work: a typo must not cost the first backbone's run
         p = Path(name)
         if p.suffix.lower() == ".onnx" or os.sep in name or p.is_file():
             if not p.is_file():
                 raise DataError(f"backbone file not found: {name}")
-        elif (":" not in name and name not in backbones._REGISTRY) or \
-                (":" in name and name.partition(":")[0] not in backbones.FAMILIES):
-            backbones.get(name)  # UnknownBackbone, with the close matches
+        else:
+            check_name(name)  # UnknownBackbone, with the close matches
     ds = scan(data, exclude=[cache_root])
     check_classes(ds, list(range(len(ds.items))))
     rows, sessions, split_note = [], {}, ""
