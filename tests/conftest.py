@@ -139,3 +139,23 @@ def lite0_onnx(tmp_path_factory):
     out = tmp_path_factory.mktemp("lite0") / "backbone.onnx"
     export.export_backbone(backbones.get("efficientnet_lite0"), out)
     return out
+
+
+def train_tiny(tmp: Path, tiny_onnx, source: Path, per_class: int) -> tuple[Path, Path]:
+    """A real fused model.onnx (tiny backbone) trained by `edgetl train-head` on the first `per_class` photos
+    of each class folder of `source`; (model path, the photo folder). train-head records its split in it."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgetl.cli import main
+
+    data = tmp / "data"
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (data / folder.name).mkdir(parents=True)
+        for src in sorted(folder.glob("*.jpg"))[:per_class]:
+            shutil.copyfile(src, data / folder.name / src.name)
+    r = CliRunner().invoke(main, ["train-head", str(data), "--backbone", str(tiny_onnx), "--cache", str(tmp / "cache"),
+                                  "-o", str(tmp / "out")])
+    assert r.exit_code == 0, r.output
+    return tmp / "out" / "model.onnx", data

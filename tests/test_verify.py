@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import train_tiny
 
 from edgetl.cli import main
 from edgetl.deploy import runtime, verify
@@ -16,16 +17,7 @@ from edgetl.deploy import runtime, verify
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory, tiny_onnx, hymenoptera):
     """A tiny-backbone model trained on class folders: train-head records its validation photos in it."""
-    tmp = tmp_path_factory.mktemp("verifymodel")
-    data = tmp / "data"
-    for cls in ("ants", "bees"):
-        (data / cls).mkdir(parents=True)
-        for src in sorted((hymenoptera / "train" / cls).glob("*.jpg"))[:15]:
-            shutil.copyfile(src, data / cls / src.name)
-    r = CliRunner().invoke(main, ["train-head", str(data), "--backbone", str(tiny_onnx), "--cache", str(tmp / "cache"),
-                                  "-o", str(tmp / "out")])
-    assert r.exit_code == 0, r.output
-    return tmp / "out" / "model.onnx", data
+    return train_tiny(tmp_path_factory.mktemp("verifymodel"), tiny_onnx, hymenoptera / "train", 15)
 
 
 def _perturbed_copy(src, dst, k: int) -> None:

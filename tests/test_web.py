@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import photo
+from conftest import photo, train_tiny
 
 from edgetl.cli import main
 from edgetl.data.preprocess import frame_to_input, load_image
@@ -60,16 +60,7 @@ def browser(pw):
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory, tiny_onnx, hymenoptera):
-    tmp = tmp_path_factory.mktemp("webmodel")
-    data = tmp / "data"
-    for cls in ("ants", "bees"):
-        (data / cls).mkdir(parents=True)
-        for src in sorted((hymenoptera / "train" / cls).glob("*.jpg"))[:8]:
-            shutil.copyfile(src, data / cls / src.name)
-    r = CliRunner().invoke(main, ["train-head", str(data), "--backbone", str(tiny_onnx), "--cache", str(tmp / "cache"),
-                                  "-o", str(tmp / "out")])
-    assert r.exit_code == 0, r.output
-    return tmp / "out" / "model.onnx"
+    return train_tiny(tmp_path_factory.mktemp("webmodel"), tiny_onnx, hymenoptera / "train", 8)[0]
 
 
 @pytest.fixture(scope="module")

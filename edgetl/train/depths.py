@@ -63,7 +63,7 @@ def cross_validate(job: Job, r, sets: list[list[dict]], cfg: HeadConfig, k: int 
     ds = job.ds
     inner = [f for f in folds(ds, r.keys, job.split.train, k, cfg.seed + 1)
              if len(set(labels(ds, f.train))) == len(ds.classes)]
-    x_all = r.namespace.load([r.keys[i] for i in job.split.train])[1]
+    x_all = rows(r, job.split.train)
     where = {i: n for n, i in enumerate(job.split.train)}
     out = []
     for chosen in sets:
